@@ -1,0 +1,1 @@
+"""Small experiments on exact ground truth (`osv experiment ...`)."""

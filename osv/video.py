@@ -1,0 +1,163 @@
+"""Video I/O with PyAV: decode, encode (H.264 mp4), and the one clip loader.
+
+`load_clip` is the single definition of "a clip at T frames, fps, W x H": the
+data stage, the encode stage and FVD's real clips all go through it, so real and
+generated videos are resampled and cropped the same way.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from osv.atomic import atomic_path
+
+# Frame times are compared with this slack (seconds) so float rounding of
+# k / fps never drops a frame that lies exactly on a boundary.
+TIME_EPS = 1e-6
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be decoded, encoded or is too short for the request."""
+
+
+def _open(path: str | Path):
+    import av
+
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{path}: cannot open video: {exc}") from exc
+
+
+def _stream_fps(stream, path) -> float:
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if not rate:
+        raise VideoError(f"{path}: video stream has no frame rate")
+    return float(rate)
+
+
+def _frame_time(frame, index: int, fps: float) -> float:
+    # Files without timestamps fall back to the nominal rate.
+    return float(frame.time) if frame.time is not None else index / fps
+
+
+def iter_frames(path: str | Path, until: float | None = None):
+    """Yield (time_sec, av.VideoFrame, stream_fps) in decode order; stop after `until`."""
+    import av
+
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        fps = _stream_fps(stream, path)
+        start = float(stream.start_time * stream.time_base) if stream.start_time else 0.0
+        try:
+            for i, frame in enumerate(container.decode(stream)):
+                t = _frame_time(frame, i, fps) - start
+                yield t, frame, fps
+                if until is not None and t > until + TIME_EPS:
+                    return
+        except av.FFmpegError as exc:
+            raise VideoError(f"{path}: decoding failed: {exc}") from exc
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
+    """All frames of a video as uint8 [N, H, W, 3] and its frame rate."""
+    frames, fps = [], None
+    for _, frame, fps in iter_frames(path):
+        frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise VideoError(f"{path}: no frames decoded")
+    return np.stack(frames), fps
+
+
+def cover_indices(times: np.ndarray, targets: np.ndarray, frame_dur: float, path="video") -> np.ndarray:
+    """Index of the source frame shown at each target time (time_j <= t < time_{j+1}).
+
+    The last frame is shown for `frame_dur` seconds. Raises if a target lies
+    outside the video.
+    """
+    times = np.asarray(times, dtype=np.float64)
+    idx = np.searchsorted(times, np.asarray(targets) + TIME_EPS, side="right") - 1
+    end = times[-1] + frame_dur
+    bad = (idx < 0) | (np.asarray(targets) >= end - TIME_EPS)
+    if bad.any():
+        raise VideoError(
+            f"{path}: video covers [{times[0]:.3f}, {end:.3f}) s but frames at "
+            f"{np.asarray(targets)[bad].round(3).tolist()} s were requested")
+    return idx
+
+
+def clip_times(start_sec: float, frames: int, fps: float) -> np.ndarray:
+    """Times of T frames at `fps` starting at `start_sec`."""
+    return start_sec + np.arange(frames, dtype=np.float64) / fps
+
+
+def resize_crop(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize so the frame covers width x height (shorter side fits), then centre-crop.
+
+    PIL's bicubic resize filters when downscaling (antialiasing).
+    """
+    h, w = frame.shape[:2]
+    scale = max(width / w, height / h)
+    rw, rh = max(width, round(w * scale)), max(height, round(h * scale))
+    img = Image.fromarray(frame)
+    if (rw, rh) != (w, h):
+        img = img.resize((rw, rh), Image.Resampling.BICUBIC)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return np.asarray(img.crop((left, top, left + width, top + height)))
+
+
+def load_clip(path: str | Path, frames: int, fps: float, width: int, height: int,
+              start_sec: float = 0.0) -> np.ndarray:
+    """T frames at `fps` from `start_sec` (resampled by time), resized and centre-cropped.
+
+    Returns uint8 [T, height, width, 3].
+    """
+    targets = clip_times(start_sec, frames, fps)
+    times, decoded, src_fps = [], [], None
+    for t, frame, src_fps in iter_frames(path, until=float(targets[-1])):
+        times.append(t)
+        decoded.append(frame)
+    if not decoded:
+        raise VideoError(f"{path}: no frames decoded")
+    idx = cover_indices(np.array(times), targets, 1.0 / src_fps, path)
+    cache: dict[int, np.ndarray] = {}
+    out = []
+    for i in idx.tolist():
+        if i not in cache:
+            cache[i] = resize_crop(decoded[i].to_ndarray(format="rgb24"), width, height)
+        out.append(cache[i])
+    return np.stack(out)
+
+
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 10) -> None:
+    """Write uint8 [T, H, W, 3] as H.264 (yuv420p) mp4, atomically.
+
+    One encoder thread and no timestamps in the metadata, so the same frames give
+    the same bytes.
+    """
+    import av
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise VideoError(f"{path}: expected uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    t, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise VideoError(f"{path}: yuv420p needs even width and height, got {w}x{h}")
+    rate = Fraction(fps).limit_denominator(1001)
+    with atomic_path(path, suffix=".mp4") as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=rate)
+            stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+            stream.codec_context.thread_count = 1
+            stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
+            for frame in frames:
+                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)

@@ -1,0 +1,68 @@
+"""The Snakefile and dvc.yaml describe the same DAG; the workflow is lint-clean."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+LOG_REDIRECT = re.compile(r" 2>&1 \| tee \S+$")
+
+
+def snakemake_jobs() -> dict:
+    """Parse `snakemake -n -p --forceall`: {(rule, wildcard value): (cmd, inputs, outputs)}."""
+    out = subprocess.run([BIN / "snakemake", "-n", "-p", "--forceall", "--nocolor"], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, check=True).stdout
+    jobs = {}
+    for block in out.split("\nrule ")[1:]:
+        rule = block.split(":", 1)[0]
+        fields = dict(re.findall(r"^    (input|output|wildcards): (.*)$", block, flags=re.M))
+        cmd = re.search(r"^Shell command: (.*)$", block, flags=re.M)
+        if rule == "all":
+            continue
+        wildcard = fields.get("wildcards", "").split("=", 1)[-1] or None
+        jobs[(rule, wildcard)] = (
+            LOG_REDIRECT.sub("", cmd.group(1)),
+            set(filter(None, fields.get("input", "").split(", "))),
+            set(fields["output"].split(", ")),
+        )
+    return jobs
+
+
+def dvc_stages() -> dict:
+    from dvc.repo import Repo
+
+    stages = {}
+    with Repo(str(ROOT)) as repo:
+        for stage in repo.index.stages:
+            rule, _, key = stage.addressing.partition("@")
+            stages[(rule, key or None)] = (
+                stage.cmd,
+                {str(d.def_path) for d in stage.deps if not d.def_path.endswith(".yaml")},
+                {str(o.def_path) for o in stage.outs},
+            )
+    return stages
+
+
+def covered(path: str, folders: set) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
+def test_snakefile_and_dvc_yaml_hold_the_same_dag():
+    snake, dvc = snakemake_jobs(), dvc_stages()
+    assert set(snake) == set(dvc), f"only Snakemake: {set(snake) - set(dvc)}; only DVC: {set(dvc) - set(snake)}"
+    for name, (cmd, inputs, outputs) in snake.items():
+        dcmd, ddeps, douts = dvc[name]
+        assert cmd == dcmd, f"{name}: commands differ\n snakemake: {cmd}\n dvc:       {dcmd}"
+        assert outputs == douts, f"{name}: outputs differ: {outputs} vs {douts}"
+        # DVC may depend on a folder that holds several Snakemake inputs (the report stage).
+        assert all(covered(i, ddeps) for i in inputs), f"{name}: inputs {inputs} not in dvc deps {ddeps}"
+        assert all(any(covered(i, {d}) for i in inputs) for d in ddeps), f"{name}: dvc deps {ddeps} vs {inputs}"
+
+
+def test_snakemake_lint_is_clean():
+    out = subprocess.run([BIN / "snakemake", "--lint"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
