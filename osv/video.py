@@ -65,13 +65,24 @@ def iter_frames(path: str | Path, until: float | None = None):
             raise VideoError(f"{path}: decoding failed: {exc}") from exc
 
 
-def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
-    """All frames of a video as uint8 [N, H, W, 3] and its frame rate."""
-    frames, fps = [], None
-    for _, frame, fps in iter_frames(path):
-        frames.append(frame.to_ndarray(format="rgb24"))
+def decode(path: str | Path, until: float | None = None, convert=None) -> tuple[np.ndarray, list, float]:
+    """(frame times, frames, stream fps); `convert` maps each av.VideoFrame (default: kept as is)."""
+    times, frames, fps = [], [], None
+    for t, frame, fps in iter_frames(path, until):  # noqa: B007 (fps is read after the loop)
+        times.append(t)
+        frames.append(convert(frame) if convert else frame)
     if not frames:
         raise VideoError(f"{path}: no frames decoded")
+    return np.array(times), frames, fps
+
+
+def to_rgb(frame) -> np.ndarray:
+    return frame.to_ndarray(format="rgb24")
+
+
+def read_frames(path: str | Path) -> tuple[np.ndarray, float]:
+    """All frames of a video as uint8 [N, H, W, 3] and its frame rate."""
+    _, frames, fps = decode(path, convert=to_rgb)
     return np.stack(frames), fps
 
 
@@ -119,18 +130,13 @@ def load_clip(path: str | Path, frames: int, fps: float, width: int, height: int
     Returns uint8 [T, height, width, 3].
     """
     targets = clip_times(start_sec, frames, fps)
-    times, decoded, src_fps = [], [], None
-    for t, frame, src_fps in iter_frames(path, until=float(targets[-1])):
-        times.append(t)
-        decoded.append(frame)
-    if not decoded:
-        raise VideoError(f"{path}: no frames decoded")
-    idx = cover_indices(np.array(times), targets, 1.0 / src_fps, path)
+    times, decoded, src_fps = decode(path, until=float(targets[-1]))
+    idx = cover_indices(times, targets, 1.0 / src_fps, path)
     cache: dict[int, np.ndarray] = {}
     out = []
     for i in idx.tolist():
         if i not in cache:
-            cache[i] = resize_crop(decoded[i].to_ndarray(format="rgb24"), width, height)
+            cache[i] = resize_crop(to_rgb(decoded[i]), width, height)
         out.append(cache[i])
     return np.stack(out)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
 from osv.data import write_manifest
-from osv.video import TIME_EPS, VideoError, clip_times, cover_indices, iter_frames, resize_crop, write_mp4
+from osv.video import TIME_EPS, VideoError, clip_times, cover_indices, decode, resize_crop, to_rgb, write_mp4
 
 VIDEOS = ("bigbuckbunny", "bikes", "carphone_pristine", "carphone_distorted")
 # Natural photographs only (no charts, logos or binary masks); grey ones become RGB.
@@ -62,13 +62,7 @@ def video_candidates(path: Path, p: dict) -> list[Candidate]:
     """All train and test clips of one video on the stride grid of each split's time range."""
     d, e = p["data"], p["data"]["embedded"]
     w, h, T, fps = d["resolution"]["width"], d["resolution"]["height"], d["frames"], d["fps"]
-    times, frames, src_fps = [], [], None
-    for t, frame, src_fps in iter_frames(path):
-        times.append(t)
-        frames.append(resize_crop(frame.to_ndarray(format="rgb24"), w, h))
-    if not frames:
-        raise VideoError(f"{path}: no frames decoded")
-    times = np.array(times)
+    times, frames, src_fps = decode(path, convert=lambda f: resize_crop(to_rgb(f), w, h))
     duration = times[-1] + 1.0 / src_fps
     # The test range starts at the first source frame after the split time.
     first_test = int(np.searchsorted(times, duration * (1 - e["test_fraction"]) - TIME_EPS))
