@@ -107,7 +107,12 @@ def encode_condition(image, vae, image_encoder, feature_extractor, noise_aug_str
     frame = processor.preprocess(image, height=height, width=width).to(device)
     frame = frame + noise_aug_strength * randn_tensor(frame.shape, generator=generator, device=device,
                                                       dtype=frame.dtype)
+    upcast = vae.dtype == torch.float16 and vae.config.force_upcast  # the pipeline encodes fp16 VAEs in fp32
+    if upcast:
+        vae.to(dtype=torch.float32)
     latents = vae.encode(frame.to(vae.dtype)).latent_dist.mode().to(embeds.dtype)
+    if upcast:
+        vae.to(dtype=torch.float16)
     time_ids = make_added_time_ids(fps, motion_bucket_id, noise_aug_strength, latents.shape[0],
                                    dtype=embeds.dtype, device=device)
     return SVDConditioning(embeds, latents, time_ids)
