@@ -21,8 +21,8 @@ from torch import nn
 
 # Problem constants: a ring of 8 unequal, narrow Gaussians (multi-modal, so the ODE bends).
 NUM_SIGMAS, SIGMA_MIN, SIGMA_MAX, RHO = 100, 0.002, 20.0, 7.0
-EMA_DECAY, HUBER_C, BATCH, LR = 0.95, 0.001, 512, 2e-3
-EVAL_LEVELS, EVAL_POINTS, REF_STEPS = 10, 2048, 400
+EMA_DECAY, HUBER_C, BATCH, LR = 0.95, 0.001, 256, 2e-3
+EVAL_LEVELS, EVAL_POINTS, REF_STEPS = 10, 1024, 200
 
 
 def karras(n: int, sigma_min: float, sigma_max: float, rho: float = RHO) -> torch.Tensor:
@@ -85,7 +85,7 @@ def exact_consistency(gmm: GaussianMixture, x: torch.Tensor, sigma: float, steps
 class ConsistencyMLP(nn.Module):
     """f_θ(x, σ) = c_skip·x + c_out·F_θ(c_in·x, c_noise), exact boundary at σ_min."""
 
-    def __init__(self, sigma_data: float, width: int = 128, freqs: int = 8):
+    def __init__(self, sigma_data: float, width: int = 64, freqs: int = 8):
         super().__init__()
         self.sigma_data = sigma_data
         self.register_buffer("freqs", torch.arange(1, freqs + 1, dtype=torch.float32) * math.pi / 4)
