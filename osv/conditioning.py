@@ -74,7 +74,9 @@ def from_batch(batch: dict, params: dict, device=None, dtype=torch.float32) -> S
 
 def _clip_pixels(image, feature_extractor) -> Tensor:
     """The pipeline's _encode_image preprocessing: [0,1] -> antialiased 224x224 -> CLIP-normalised."""
-    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
+    from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import (
+        _resize_with_antialiasing,
+    )
     from diffusers.video_processor import VideoProcessor
 
     if not isinstance(image, torch.Tensor):

@@ -33,11 +33,16 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> Ten
     return torch.from_numpy(desc[::-1].copy())
 
 
+def _as_float(sigma) -> Tensor:
+    """Tensors keep their float dtype; Python numbers and integer tensors become float64."""
+    if isinstance(sigma, Tensor) and sigma.is_floating_point():
+        return sigma
+    return torch.as_tensor(sigma, dtype=torch.float64)
+
+
 def precondition(sigma) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """SVD (EDM, sigma_data = 1, v-prediction) coefficients (c_skip, c_out, c_in, c_noise)."""
-    sigma = torch.as_tensor(sigma)
-    if not sigma.is_floating_point():
-        sigma = sigma.to(torch.float64)
+    sigma = _as_float(sigma)
     s2 = sigma**2 + 1
     return 1 / s2, -sigma / s2.sqrt(), 1 / s2.sqrt(), 0.25 * sigma.log()
 
@@ -50,9 +55,7 @@ def boundary_coefficients(sigma, sigma_min: float) -> tuple[Tensor, Tensor]:
     At sigma_min: c_skip = 1, c_out = 0, so f(x, sigma_min) = x exactly; for sigma >> sigma_min
     they equal SVD's coefficients, so the teacher's F is a good initialisation.
     """
-    sigma = torch.as_tensor(sigma)
-    if not sigma.is_floating_point():
-        sigma = sigma.to(torch.float64)
+    sigma = _as_float(sigma)
     shifted = sigma - sigma_min
     return 1 / (shifted**2 + 1), -shifted / (sigma**2 + 1).sqrt()
 
@@ -116,8 +119,8 @@ class Denoiser:
         return out.to(x.dtype)
 
     def _sigma(self, sigma, x: Tensor) -> Tensor:
-        sigma = torch.as_tensor(sigma, device=x.device)
-        return sigma.to(x.dtype) if sigma.is_floating_point() else sigma.to(torch.float64).to(x.dtype)
+        """sigma as a tensor in x's dtype (Python numbers converted directly, not through float32)."""
+        return torch.as_tensor(sigma, device=x.device, dtype=x.dtype)
 
     def raw(self, x: Tensor, sigma, cond, cfg=None) -> Tensor:
         """Network output F (guided F0 + w (F - F0) when cfg is given); counts NFE."""
