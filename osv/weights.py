@@ -1,0 +1,151 @@
+"""`osv weights`: the base models every later stage starts from (models/base).
+
+weights.source == "config" (embedded scale, offline): the small pipeline and DINOv2 built
+from osv/configs with a fixed seed, randomly initialised, saved with save_pretrained.
+weights.source == "hub" (paper scale): SVD img2vid, DINOv2 and StyleGAN-V's I3D at pinned
+revisions, through osv.hub (resumable, every file checked against the hub's SHA-256).
+We take SVD's fp32 diffusers files (not the fp16 variant): every stage loads the folder
+with a plain from_pretrained and trains in fp32 master weights (autocast does the rest);
+about 9 GB. Either way models/base/weights.json says what each part is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from tqdm import tqdm
+
+from osv.atomic import atomic_path, write_json
+from osv.params import ParamsError, load_params
+
+TEACHER_FILES = [
+    "model_index.json",
+    "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "image_encoder/config.json", "image_encoder/model.safetensors",
+    "feature_extractor/*", "scheduler/*",
+]
+DINOV2_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
+RANDOM_INIT = "random init (NOT the real SVD/DINOv2 weights)"
+# part -> (small config name, seed offset from weights.config_seed); offsets as in build_small_pipeline
+SMALL_PARTS = {"vae": ("vae", 0), "image_encoder": ("clip", 1), "unet": ("unet", 2), "dinov2": ("dinov2", 3)}
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("weights", help="Base models: small models from configs, or pinned hub weights.")
+    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    p.add_argument("--out", default="models/base", help="output folder (default: models/base)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    build_base(params, Path(args.out))
+    return 0
+
+
+def build_base(params: dict, out: Path) -> dict:
+    """Write models/base (pipeline folder + dinov2/ [+ i3d/] + weights.json) atomically."""
+    source = params["weights"]["source"]
+    if source == "hub":
+        check_pins(params["weights"])
+    with atomic_path(out) as tmp:
+        info = from_config(params, tmp) if source == "config" else from_hub(params["weights"], tmp)
+        write_json(tmp / "weights.json", info)
+    return info
+
+
+def check_pins(w: dict) -> None:
+    for key in ("teacher", "dinov2"):
+        if not COMMIT.match(w[key]["revision"]):
+            raise ParamsError(f"weights.{key}.revision: '{w[key]['revision']}' is not a 40-hex commit; "
+                              "pin the exact hub commit so the weights cannot change under you")
+
+
+def safetensors_files(folder: Path) -> dict[str, dict]:
+    """SHA-256 and parameter count of every .safetensors file below `folder` (read from its header)."""
+    from safetensors import safe_open
+
+    from osv.hub import sha256_file
+
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            params = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+        out[str(path.relative_to(folder))] = {"sha256": sha256_file(path), "parameters": params}
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def from_config(params: dict, tmp: Path) -> dict:
+    from osv.models import build_small_dinov2, build_small_pipeline, count_parameters
+
+    seed = params["weights"]["config_seed"]
+    pipe = build_small_pipeline(seed, num_frames=params["data"]["frames"])
+    pipe.save_pretrained(str(tmp))
+    dinov2 = build_small_dinov2(seed + SMALL_PARTS["dinov2"][1])
+    dinov2.save_pretrained(str(tmp / "dinov2"))
+    modules = {"vae": pipe.vae, "image_encoder": pipe.image_encoder, "unet": pipe.unet, "dinov2": dinov2}
+    parts = {}
+    for part, (config, offset) in SMALL_PARTS.items():
+        parts[part] = {
+            "description": f"built from osv/configs/small_{config}.json, seed {seed + offset}, {RANDOM_INIT}",
+            "config": f"osv/configs/small_{config}.json", "seed": seed + offset, "init": "random",
+            "parameters": count_parameters(modules[part]),
+            "files": {f"{part}/{k}": v for k, v in safetensors_files(tmp / part).items()},
+        }
+    return {"source": "config", "num_frames": params["data"]["frames"], "parts": parts,
+            "note": "Embedded scale: small randomly initialised models, NOT the real SVD/DINOv2 weights."}
+
+
+def fetch_repo(ref: dict, patterns: list[str], dest: Path) -> dict:
+    """Download the files of a model repo matching `patterns` at its pinned commit into `dest`."""
+    from osv.hub import fetch_file, link_or_copy, list_files, resolve_commit
+
+    repo_id, revision = ref["repo_id"], ref["revision"]
+    commit = resolve_commit(repo_id, "model", revision, None, patterns[0])
+    files = list_files(repo_id, "model", commit, None, patterns)
+    missing = [p for p in patterns if "*" not in p and p not in {f.path for f in files}]
+    if missing:
+        raise FileNotFoundError(f"model {repo_id}@{commit}: missing {', '.join(missing)}")
+    record = {}
+    for remote in tqdm(files, desc=repo_id, unit="file"):
+        path, digest = fetch_file(repo_id, "model", commit, None, remote)
+        link_or_copy(path, dest / remote.path)
+        record[remote.path] = {"sha256": digest, "size": remote.size}
+    tensors = safetensors_files(dest)
+    return {"repo_id": repo_id, "revision": revision, "commit": commit, "files": record,
+            "parameters": sum(v["parameters"] for v in tensors.values())}
+
+
+def fetch_i3d(cfg: dict, dest: Path) -> dict:
+    """StyleGAN-V's I3D TorchScript; refuse a SHA-256 mismatch; check that it loads."""
+    import torch
+
+    from osv.hub import fetch_url, link_or_copy
+
+    path, digest = fetch_url(cfg["url"], "i3d_torchscript.pt", cfg["sha256"])
+    try:
+        torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # e.g. an HTML page instead of the model
+        raise ValueError(f"weights.i3d.url {cfg['url']}: {path} is not a TorchScript model ({exc})") from exc
+    link_or_copy(path, dest / "i3d_torchscript.pt")
+    return {"url": cfg["url"], "sha256": digest, "sha256_checked": cfg["sha256"] is not None}
+
+
+def from_hub(w: dict, tmp: Path) -> dict:
+    parts = {"teacher": fetch_repo(w["teacher"], TEACHER_FILES, tmp),
+             "dinov2": fetch_repo(w["dinov2"], DINOV2_FILES, tmp / "dinov2"),
+             "i3d": fetch_i3d(w["i3d"], tmp / "i3d")}
+    return {"source": "hub", "parts": parts,
+            "note": "Pretrained weights at pinned commits; SVD fp32 diffusers files; every file SHA-256 checked "
+                    "against the hub (I3D against weights.i3d.sha256 when set)."}
