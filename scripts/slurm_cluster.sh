@@ -139,17 +139,17 @@ EOF
 
 start_mariadb() {
   local data=$SCRATCH/mysql
-  mkdir -p "$data"
-  chown -R mysql:mysql "$data"
+  mkdir -p "$data" "$SCRATCH/mysql-run"
+  chown -R mysql:mysql "$data" "$SCRATCH/mysql-run"  # mysqld runs as mysql: its socket dir too
   mariadb-install-db --user=mysql --datadir="$data" --skip-test-db \
     --auth-root-authentication-method=socket >"$LOGS/mariadb-install.out" 2>&1 \
     || die "mariadb-install-db failed, see $LOGS/mariadb-install.out"
   spawn mariadb mariadbd --no-defaults --user=mysql --datadir="$data" \
-    --socket="$SCRATCH/mysql.sock" --pid-file="$PIDS/mariadb.daemon.pid" \
+    --socket="$SCRATCH/mysql-run/mysqld.sock" --pid-file="$SCRATCH/mysql-run/mariadb.pid" \
     --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
     --innodb-buffer-pool-size=64M --log-error="$LOGS/mariadb.log"
-  wait_for 60 "mariadb" mariadb --no-defaults --socket="$SCRATCH/mysql.sock" -uroot -e "SELECT 1"
-  mariadb --no-defaults --socket="$SCRATCH/mysql.sock" -uroot <<EOF
+  wait_for 60 "mariadb" mariadb --no-defaults --socket="$SCRATCH/mysql-run/mysqld.sock" -uroot -e "SELECT 1"
+  mariadb --no-defaults --socket="$SCRATCH/mysql-run/mysqld.sock" -uroot <<EOF
 CREATE DATABASE IF NOT EXISTS slurm_acct_db;
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$DB_PASS';
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$DB_PASS';
@@ -192,12 +192,12 @@ start() {
   [ -d "$PIDS" ] && stop_daemons
   install_packages
   # Fresh state and accounting DB every cold start (see the header).
-  rm -rf "$SCRATCH/state" "$SCRATCH/mysql" "$SCRATCH/etc" "$LOGS" "$PIDS"
+  rm -rf "$SCRATCH/state" "$SCRATCH/mysql" "$SCRATCH/mysql-run" "$SCRATCH/etc" "$LOGS" "$PIDS"
   mkdir -p "$PIDS" "$LOGS"
   write_configs
   start_munge
   start_mariadb
-  spawn slurmdbd slurmdbd -D -f "$SCRATCH/etc/slurmdbd.conf"
+  spawn slurmdbd slurmdbd -D  # reads slurmdbd.conf next to $SLURM_CONF
   wait_for 60 "slurmdbd" sacctmgr -n list cluster
   sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
   spawn slurmctld slurmctld -D -i -f "$CONF"

@@ -1,0 +1,351 @@
+"""The one launcher of every GPU stage: in-process, or a submitit job (debug, local, slurm).
+
+`run_stage(stage, fn, kwargs, params)` runs `fn(**kwargs)` where the environment
+variable OSV_LAUNCHER says (never params: the launcher does not change results):
+
+- `none` (default): in this process;
+- `debug`: submitit's DebugExecutor (in this process, through pickling and the job
+  environment; pdb post-mortem only when stdin is a terminal);
+- `local`: a submitit subprocess on this machine (tasks_per_node processes);
+- `slurm`: one SLURM job with `osv.params.resources_for(params, stage)`.
+
+The caller waits for the job and gets the rank-0 result; the job's stdout/stderr
+are streamed to our stdout as they grow. Failures raise `LaunchError` (job id, log
+paths, remote traceback). The wait never hangs: the scheduler state is polled, and
+a job in a terminal state without a result file fails the call within a minute.
+Logs: logs/submitit/<stage>/<time>-<pid>/ (job ids restart on a fresh cluster).
+
+Preemption and timeout (slurm): with `checkpointable=True` (or when `fn` has a
+`checkpoint` attribute) submitit's USR2 handler requeues the same call; `fn`
+resumes from its own checkpoint folder. A function that installs its own SIGUSR2
+handler must call the previous handler (`signal.getsignal(SIGUSR2)`) after saving,
+or the job is not requeued.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from submitit.helpers import Checkpointable, DelayedSubmission  # light: no torch
+
+MODES = ("none", "debug", "local", "slurm")
+ENV_MODE = "OSV_LAUNCHER"
+ENV_LOG_ROOT = "OSV_SUBMITIT_LOGS"
+DEFAULT_LOG_ROOT = "logs/submitit"
+# Once the scheduler says the job ended, wait this long for a (slow file system's)
+# result file, then fail: a scancelled or OOM-killed job never writes one.
+RESULT_GRACE_S = 30.0
+STATE_POLL_S = 3.0  # sacct/squeue calls while waiting
+LOG_POLL_S = 1.0
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
+                 "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
+
+
+class LaunchError(RuntimeError):
+    """A stage job failed or vanished; the message names the job, its logs and the remote error."""
+
+
+def launcher_mode() -> str:
+    mode = os.environ.get(ENV_MODE, "none").strip().lower() or "none"
+    if mode not in MODES:
+        raise LaunchError(f"{ENV_MODE}={mode!r} is not a launcher (use one of {', '.join(MODES)})")
+    return mode
+
+
+def describe() -> str:
+    """One line saying where this process runs (host, launcher, SLURM job/task, visible GPUs)."""
+    env = os.environ
+    parts = [f"host={socket.gethostname()}", f"launcher={env.get(ENV_MODE, 'none')}", f"pid={os.getpid()}"]
+    if "SLURM_JOB_ID" in env:
+        parts += [f"slurm_job={env['SLURM_JOB_ID']}", f"partition={env.get('SLURM_JOB_PARTITION', '?')}",
+                  f"nodes={env.get('SLURM_JOB_NODELIST', '?')}"]
+    if "SLURM_PROCID" in env or "SUBMITIT_LOCAL_GLOBALID" in env:
+        rank = env.get("SLURM_PROCID", env.get("SUBMITIT_LOCAL_GLOBALID"))
+        parts.append(f"task={rank}/{env.get('SLURM_NTASKS', env.get('SUBMITIT_LOCAL_NTASKS', '1'))}")
+    parts.append(f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '<unset>')}")
+    if "torch" in sys.modules:  # never import torch just to log
+        torch = sys.modules["torch"]
+        parts.append(f"cuda_devices={torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    return " ".join(parts)
+
+
+# ----------------------------------------------------------------- inside the job
+
+class StageCall:
+    """The picklable call a job runs: distributed env for multi-task jobs, then fn(**kwargs)."""
+
+    def __init__(self, stage: str, fn: Callable, kwargs: dict, tasks: int = 1):
+        self.stage, self.fn, self.kwargs, self.tasks = stage, fn, dict(kwargs), tasks
+
+    def __call__(self):
+        if self.tasks > 1:
+            export_distributed_env()
+        print(f"[osv {self.stage}] {describe()}", flush=True)
+        # A stage function that calls run_stage itself must not submit again from the job.
+        os.environ[ENV_MODE] = "none"
+        return self.fn(**self.kwargs)
+
+
+class CheckpointableStageCall(StageCall, Checkpointable):
+    """Requeued on preemption/timeout as the same call (fn resumes from its checkpoints)."""
+
+    def checkpoint(self, *args, **kwargs) -> DelayedSubmission:
+        own = getattr(self.fn, "checkpoint", None)
+        if callable(own):  # fn curates its own resubmission
+            delayed = own(**self.kwargs)
+            if delayed is not None:
+                fn = functools.partial(delayed.function, *delayed.args) if delayed.args else delayed.function
+                return DelayedSubmission(type(self)(self.stage, fn, delayed.kwargs, self.tasks))
+        return DelayedSubmission(self)
+
+
+def export_distributed_env() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT for init_process_group(env://).
+
+    Each task keeps the one GPU of its local rank out of the job's visible GPUs (SLURM's
+    CUDA_VISIBLE_DEVICES names the node's real indices, not 0..n-1).
+    """
+    from submitit.helpers import TorchDistributedEnvironment
+
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
+    dist_env = TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if len(visible) >= dist_env.local_world_size > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible[dist_env.local_rank]
+
+
+# ------------------------------------------------------------------ submission
+
+def run_stage(stage: str, fn: Callable, kwargs: dict, params: dict, checkpointable: bool = False,
+              log_root: str | Path | None = None):
+    """Run fn(**kwargs) for `stage` where OSV_LAUNCHER says; return its (rank-0) result."""
+    mode = launcher_mode()
+    if mode == "none":
+        return fn(**kwargs)
+    from osv.params import resources_for
+
+    res = resources_for(params, stage)
+    tasks = res["nodes"] * res["tasks_per_node"]
+    cls = CheckpointableStageCall if checkpointable or hasattr(fn, "checkpoint") else StageCall
+    call = cls(stage, fn, kwargs, tasks)
+    folder = job_folder(stage, log_root)
+    executor = make_executor(stage, mode, res, folder)
+    job = submit(executor, call)
+    print(f"[osv {stage}] submitted {mode} job {job.job_id}, logs in {folder}", flush=True)
+    return wait(job, stage, mode)
+
+
+def job_folder(stage: str, log_root: str | Path | None = None) -> Path:
+    root = Path(log_root or os.environ.get(ENV_LOG_ROOT, DEFAULT_LOG_ROOT)).resolve()
+    unique = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 1_000_000:06d}"
+    return root / stage / unique
+
+
+def executor_parameters(stage: str, res: dict) -> dict:
+    """submitit parameters from a stage's resources (None values left to the cluster defaults)."""
+    extra = {"chdir": os.getcwd(), **(res.get("sbatch_extra") or {})}  # relative paths resolve as here
+    out = {
+        "name": f"osv-{stage}",
+        "gpus_per_node": res["gpus"],
+        "tasks_per_node": res["tasks_per_node"],
+        "nodes": res["nodes"],
+        "cpus_per_task": res["cpus_per_task"],
+        "mem_gb": res["mem_gb"],
+        "timeout_min": res["timeout_min"],
+        "slurm_partition": res.get("partition"),
+        "slurm_account": res.get("account"),
+        "slurm_qos": res.get("qos"),
+        "slurm_constraint": res.get("constraint"),
+        "slurm_additional_parameters": extra,
+    }
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def make_executor(stage: str, mode: str, res: dict, folder: Path):
+    import submitit
+
+    # cluster is explicit: with srun on PATH, AutoExecutor would pick slurm by itself.
+    executor = submitit.AutoExecutor(folder=folder, cluster=mode)
+    params = executor_parameters(stage, res)
+    if mode == "local" and params["nodes"] != 1:
+        raise LaunchError(f"resources.{stage}.nodes={params['nodes']}: the local launcher runs on one node")
+    executor.update_parameters(**params)
+    return executor
+
+
+def submit(executor, call):
+    """Submit outside any surrounding SLURM allocation's variables, keeping SLURM_CONF."""
+    from submitit.helpers import clean_env
+
+    conf = os.environ.get("SLURM_CONF")
+    with clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
+        try:
+            return executor.submit(call)
+        finally:
+            os.environ.pop("SLURM_CONF", None)  # clean_env restores the original
+
+
+# --------------------------------------------------------------------- waiting
+
+class LogTail:
+    """Print what a job appends to its stdout/stderr files, line by line, with a prefix."""
+
+    def __init__(self, paths: list[Path], prefix: str):
+        self.offsets = {p: 0 for p in paths}
+        self.partial = {p: "" for p in paths}
+        self.prefix = prefix
+
+    def pump(self) -> None:
+        for path in self.offsets:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            if size < self.offsets[path]:  # truncated (a requeue without append): start again
+                self.offsets[path] = 0
+            if size == self.offsets[path]:
+                continue
+            with path.open("rb") as f:
+                f.seek(self.offsets[path])
+                chunk = f.read(size - self.offsets[path]).decode("utf-8", "replace")
+            self.offsets[path] = size
+            lines = (self.partial[path] + chunk).split("\n")
+            self.partial[path] = lines.pop()
+            for line in lines:
+                line = line.rstrip("\r").rsplit("\r", 1)[-1]  # progress bars: their last state
+                if line:
+                    print(f"{self.prefix}{line}", flush=True)
+
+
+def scheduler_state(job_id: str) -> str | None:
+    """The job's SLURM state from sacct (latest incarnation), else squeue; None if unknown."""
+    for cmd in (["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"],
+                ["squeue", "-h", "-j", job_id, "-o", "%T"]):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        lines = [ln.split()[0] for ln in out.stdout.splitlines() if ln.strip()]
+        if out.returncode == 0 and lines:
+            return lines[-1].rstrip("+").upper()
+        if cmd[0] == "squeue" and "Invalid job id" in out.stderr:
+            return "GONE"  # neither accounting nor the queue knows it any more
+    return None
+
+
+def _tasks(job) -> list:
+    return [job.task(i) for i in range(job.num_tasks)]
+
+
+def _results_ready(job) -> bool:
+    return all(t.paths.result_pickle.exists() for t in _tasks(job))
+
+
+def _log_paths(job) -> list[Path]:
+    first = job.task(0).paths
+    return [first.stdout, first.stderr]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return f"(no {path.name})"
+
+
+def wait(job, stage: str, mode: str):
+    """Stream logs until every task's result is in; return task 0's result or raise LaunchError."""
+    tail = LogTail(_log_paths(job), prefix=f"[{stage} {job.job_id}] ")
+    previous = _cancel_on_sigterm(job)
+    try:
+        if mode == "debug":
+            return _collect(job, stage, mode)
+        _poll_until_done(job, stage, mode, tail)
+        tail.pump()
+        return _collect(job, stage, mode)
+    except KeyboardInterrupt:
+        job.cancel(check=False)
+        raise
+    finally:
+        tail.pump()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _poll_until_done(job, stage: str, mode: str, tail: LogTail) -> None:
+    ended_at, last_check, state = None, float("-inf"), None
+    while not _results_ready(job):
+        tail.pump()
+        now = time.monotonic()
+        if mode == "local":
+            if job.done():
+                return  # _collect waits briefly for a result file, then raises
+        elif now - last_check >= STATE_POLL_S:
+            last_check, state = now, scheduler_state(job.job_id)
+            ended = state is not None and state not in ACTIVE_STATES
+            ended_at = (ended_at or now) if ended else None
+            if ended_at is not None and now - ended_at >= RESULT_GRACE_S:
+                raise LaunchError(_failure(job, stage, mode, f"ended in state {state} without a result "
+                                           f"(waited {RESULT_GRACE_S:.0f}s for one)"))
+        time.sleep(LOG_POLL_S)
+
+
+def _collect(job, stage: str, mode: str):
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    try:
+        if mode == "debug" and not sys.stdin.isatty():
+            return _debug_result(job)
+        return job.results()[0]
+    except (FailedJobError, UncompletedJobError) as exc:
+        raise LaunchError(_failure(job, stage, mode, f"failed:\n{exc}")) from None
+
+
+def _debug_result(job):
+    """DebugJob.results() opens pdb on an error; without a terminal, report the traceback instead."""
+    import pdb
+
+    from submitit.core.utils import FailedJobError
+
+    original = pdb.post_mortem
+    pdb.post_mortem = lambda *a, **k: None
+    try:
+        return job.results()[0]
+    except Exception as exc:
+        import traceback
+
+        trace = "".join(traceback.format_exception(exc))
+        raise FailedJobError(f"Job raised in the debug executor:\n{trace}") from exc
+    finally:
+        pdb.post_mortem = original
+
+
+def _failure(job, stage: str, mode: str, what: str) -> str:
+    out, err = _log_paths(job)
+    msg = [f"osv {stage}: {mode} job {job.job_id} {what}", f"logs: {out}", f"      {err}"]
+    if "trace" not in what:  # no remote traceback: show what the job printed last
+        msg += [f"--- last lines of {err.name} ---", _tail(err)]
+    return "\n".join(msg)
+
+
+def _cancel_on_sigterm(job):
+    """Cancel the job if this waiting process is terminated (Snakemake stopping); returns the old handler."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        job.cancel(check=False)
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
