@@ -1,0 +1,99 @@
+"""Training checkpoints: runs/RUN/checkpoints/step-XXXXXXX/ (docs/design.md).
+
+A checkpoint folder holds one safetensors file per weight group (student trainable state,
+EMA, discriminator trainable state), `state.pt` (optimizer and GradScaler states, step, RNG
+states, data-order state; plain tensors/containers so torch.load(weights_only=True) reads it)
+and `curves.csv` (the training curve so far, so a resumed run's plot is complete). Folders
+are written atomically (temp dir, then rename), so every `step-*` folder is complete.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from osv.atomic import atomic_path
+
+STEP_DIR = re.compile(r"^step-(\d{7})$")
+STATE_FILE = "state.pt"
+
+
+def checkpoints_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first (temp folders of an interrupted write are skipped)."""
+    root = checkpoints_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict,
+                    keep_last: int, texts: dict[str, str] | None = None) -> Path:
+    """Write step-XXXXXXX/ atomically, then delete all but the newest `keep_last`."""
+    from safetensors.torch import save_file
+
+    path = checkpoints_root(run_dir) / f"step-{step:07d}"
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        for name, tensors in weights.items():
+            cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+            save_file(cpu, str(tmp / f"{name}.safetensors"), metadata={"step": str(step)})
+        torch.save(state, tmp / STATE_FILE)
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
+    for old in list_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict[str, str]]:
+    """(weights by group, state, text files) of one checkpoint folder."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
+    weights = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    texts = {p.name: p.read_text() for p in sorted(path.glob("*.csv"))}
+    return weights, state, texts
+
+
+def rng_state() -> dict:
+    """torch, numpy, python (and CUDA) generator states as weights_only-loadable containers."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    npy = state["numpy"]
+    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
