@@ -14,19 +14,22 @@ Video backbones (`eval.fvd_backbone`):
      pooled over time and space (2 x 64);
   2. motion: the same structure with temporal kernels (3x5x5 -> 3x3x3) on the
      frame differences x[t+1]-x[t]; mean and std pooled (2 x 64);
-  3. explicit temporal statistics: mean |frame difference| per RGB channel at
-     scales 1, 1/2, 1/4 (9) and the lag-1, lag-2 temporal autocorrelation per
-     channel of the mean-removed clip (6), times 10 so they weigh like the rest.
+  3. explicit statistics: mean |frame difference| per RGB channel at scales 1,
+     1/2, 1/4 (9), mean |spatial gradient| (vertical + horizontal) per channel
+     at scales 1, 1/2 (6), and the lag-1, lag-2 temporal autocorrelation per
+     channel of the mean-removed clip (6); times 10 so they weigh like the rest.
   Weights are He-normal draws from torch.Generator seeded with 0 (not the global
-  RNG), so the extractor is the same in every process. 271-d. Shuffling frames
+  RNG), so the extractor is the same in every process; half of the first-layer
+  filters are made zero-mean in space (edge detectors). 277-d. Shuffling frames
   changes 2 and 3, blur and noise change 1-3.
 
 Frame backbones (`eval.fid_backbone`), applied to all frames of all clips:
 - `inception`: pytorch-fid's InceptionV3 pool3 (2048-d), only if its weights
   file is already in the torch hub cache (offline runs never download it).
 - `standin` ("stand-in: rand2d-v1, seed 0"): frames resized to 64x64, a frozen
-  random Conv2d net (5x5 s2 -> 3x3 s2 -> 3x3 s2, ReLU, 32/64/128 channels), mean
-  and std pooled: 256-d.
+  random Conv2d net (5x5 s2 -> 3x3 s2 -> 3x3 s2, ReLU, 32/64/128 channels, half
+  the first-layer filters zero-mean; generator seed 0 + 1), mean and std pooled
+  (256), plus 10 x mean |spatial gradient| per channel at scales 1, 1/2 (6): 262-d.
 
 Cache: features/<backbone>/<sha256 of clip contents + protocol>.npz, written atomically.
 """
@@ -49,7 +52,7 @@ STANDIN_SEED = 0
 STANDIN_SIZE = 64
 STANDIN_VIDEO_NAME = "rand3d-motion-v1"
 STANDIN_FRAME_NAME = "rand2d-v1"
-TEMPORAL_STATS_WEIGHT = 10.0
+STATS_WEIGHT = 10.0
 
 
 class WeightsError(RuntimeError):
@@ -64,9 +67,18 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _he_weight(gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+def _he_weight(gen: torch.Generator, shape: tuple[int, ...], zero_mean_half: bool = False) -> torch.Tensor:
+    """He-normal weights; optionally the second half of the filters made zero-mean in space.
+
+    Zero-mean (DC-free) filters respond only to edges and texture, so blur and
+    noise move the features; the other half keep colour and brightness.
+    """
     fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
+    w = torch.randn(shape, generator=gen) * math.sqrt(2.0 / fan_in)
+    if zero_mean_half:
+        half = shape[0] // 2
+        w[half:] -= w[half:].mean(dim=(-2, -1), keepdim=True)
+    return w
 
 
 def _to_unit(clips: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
@@ -76,6 +88,22 @@ def _to_unit(clips: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     frames = x.reshape(b * t, *x.shape[2:]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     frames = F.interpolate(frames, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return frames.reshape(b, t, 3, size, size).permute(0, 2, 1, 3, 4)
+
+
+def _gradient_energy(x: torch.Tensor, scales: Sequence[int] = (1, 2)) -> torch.Tensor:
+    """Mean |vertical| + |horizontal| difference per channel at each scale: [B, C·len(scales)].
+
+    Works on [B,C,H,W] and [B,C,T,H,W]; sharpness and noise statistics that blur
+    and added noise move strongly.
+    """
+    out = []
+    for scale in scales:
+        xs = x.flatten(0, -3)
+        xs = F.avg_pool2d(xs[:, None], scale)[:, 0] if scale > 1 else xs
+        xs = xs.reshape(*x.shape[:-2], *xs.shape[-2:])
+        grad = (xs[..., 1:, :] - xs[..., :-1, :]).abs().flatten(2).mean(2)
+        out.append(grad + (xs[..., 1:] - xs[..., :-1]).abs().flatten(2).mean(2))
+    return torch.cat(out, dim=1)
 
 
 def _mean_std_pool(h: torch.Tensor) -> torch.Tensor:
@@ -89,9 +117,9 @@ class StandinVideoFeatures:
     def __init__(self, seed: int = STANDIN_SEED, size: int = STANDIN_SIZE, device: str = "cpu"):
         gen = torch.Generator().manual_seed(seed)
         self.size, self.seed, self.device = size, seed, device
-        self.app = [_he_weight(gen, (32, 3, 1, 5, 5)).to(device), _he_weight(gen, (64, 32, 1, 3, 3)).to(device)]
-        self.mot = [_he_weight(gen, (32, 3, 3, 5, 5)).to(device), _he_weight(gen, (64, 32, 3, 3, 3)).to(device)]
-        self.dim = 2 * 64 + 2 * 64 + 9 + 6
+        self.app = [_he_weight(gen, (32, 3, 1, 5, 5), True).to(device), _he_weight(gen, (64, 32, 1, 3, 3)).to(device)]
+        self.mot = [_he_weight(gen, (32, 3, 3, 5, 5), True).to(device), _he_weight(gen, (64, 32, 3, 3, 3)).to(device)]
+        self.dim = 2 * 64 + 2 * 64 + 9 + 6 + 6
         self.name = f"stand-in: {STANDIN_VIDEO_NAME}, seed {seed}"
         self.resize = f"bilinear (antialiased) per frame to {size}x{size}"
 
@@ -108,6 +136,7 @@ class StandinVideoFeatures:
         for scale in (1, 2, 4):
             xs = F.avg_pool3d(x, (1, scale, scale)) if scale > 1 else x
             stats.append((xs[:, :, 1:] - xs[:, :, :-1]).abs().mean(dim=(2, 3, 4)))
+        stats.append(_gradient_energy(x))
         centred = x - x.mean(dim=2, keepdim=True)
         var = centred.pow(2).mean(dim=(2, 3, 4)) + 1e-8
         for lag in (1, 2):
@@ -116,7 +145,7 @@ class StandinVideoFeatures:
                 stats.append(cov / var)
             else:
                 stats.append(torch.zeros_like(var))
-        return torch.cat(stats, dim=1) * TEMPORAL_STATS_WEIGHT
+        return torch.cat(stats, dim=1) * STATS_WEIGHT
 
     @torch.no_grad()
     def __call__(self, clips: np.ndarray) -> np.ndarray:
@@ -160,16 +189,17 @@ class StandinFrameFeatures:
     def __init__(self, seed: int = STANDIN_SEED, size: int = STANDIN_SIZE, device: str = "cpu"):
         gen = torch.Generator().manual_seed(seed + 1)
         shapes = [(32, 3, 5, 5), (64, 32, 3, 3), (128, 64, 3, 3)]
-        self.weights = [_he_weight(gen, s).to(device) for s in shapes]
-        self.size, self.device, self.dim = size, device, 256
+        self.weights = [_he_weight(gen, s, i == 0).to(device) for i, s in enumerate(shapes)]
+        self.size, self.device, self.dim = size, device, 256 + 6
         self.name = f"stand-in: {STANDIN_FRAME_NAME}, seed {seed}"
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         x = _to_unit(frames[:, None], self.size)[:, :, 0].to(self.device)
+        sharpness = _gradient_energy(x) * STATS_WEIGHT
         for w in self.weights:
             x = F.relu(F.conv2d(x, w, stride=2, padding=w.shape[-1] // 2))
-        return _mean_std_pool(x).double().cpu().numpy()
+        return torch.cat([_mean_std_pool(x), sharpness], dim=1).double().cpu().numpy()
 
 
 def inception_weights_path() -> Path:

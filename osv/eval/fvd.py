@@ -1,0 +1,162 @@
+"""`osv fvd`: FVD and per-frame FID of one method's samples against the real test clips.
+
+Real clips: the first eval.num_clips test clips of data/clips/manifest.csv, loaded
+with osv.video.load_clip at data.frames / data.fps / data.resolution (the one
+definition of a clip). Generated: samples/M/*.mp4 in name order. Video features
+come from eval.fvd_backbone, frame features (all frames of all clips) from
+eval.fid_backbone (see osv.eval.features). The metric JSON carries the whole
+protocol, so numbers are only ever compared with numbers made the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from osv.params import ParamsError, load_params
+
+# Below about this many clips the 400-d I3D covariance is singular (environment.md).
+MIN_CLIPS_FOR_STABLE_COVARIANCE = 400
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fvd", help="FVD / FID of one method's samples with the full protocol")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--method", required=True, help="a key of eval.methods")
+    p.add_argument("--samples", required=True, help="samples/M: clip-*.mp4 and meta.json")
+    p.add_argument("--clips", required=True, help="data/clips (manifest.csv and the test mp4s)")
+    p.add_argument("--base", required=True, help="models/base (i3d/i3d_torchscript.pt at paper scale)")
+    p.add_argument("--out", required=True, help="metrics/eval/M.json")
+    p.add_argument("--cache-dir", default="features", help="feature cache folder ('' disables it)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    params = load_params(args.params)
+    if args.method not in params["eval"]["methods"]:
+        raise ParamsError(f"{args.params}: --method {args.method} is not in eval.methods "
+                          f"({sorted(params['eval']['methods'])})")
+    from osv.launch import run_stage
+
+    kwargs = dict(params=params, method=args.method, samples=args.samples, clips=args.clips, base=args.base,
+                  out=args.out, cache_dir=args.cache_dir or None, device=args.device)
+    result = run_stage("fvd", evaluate_method, kwargs, params)
+    print(json.dumps({k: result[k] for k in ("fvd", "fid", "nfe", "sec_per_video")}))
+    return 0
+
+
+def real_clip_paths(clips: str | Path, num_clips: int) -> list[Path]:
+    """The first num_clips test clips of the manifest, in manifest order."""
+    from osv.data import read_manifest
+
+    clips = Path(clips)
+    rows = read_manifest(clips / "manifest.csv", split="test")
+    if not rows:
+        raise FileNotFoundError(f"{clips / 'manifest.csv'}: no clips with split == test")
+    return [clips / row["video"] for row in rows[:num_clips]]
+
+
+def sample_paths(samples: str | Path) -> list[Path]:
+    paths = sorted(Path(samples).glob("*.mp4"))
+    if not paths:
+        raise FileNotFoundError(f"{samples}: no generated *.mp4 clips")
+    return paths
+
+
+def read_meta(samples: str | Path) -> dict:
+    path = Path(samples) / "meta.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: sample metadata not found (written by `osv generate`)")
+    meta = json.loads(path.read_text())
+    if "nfe" not in meta:
+        raise KeyError(f"{path}: missing key 'nfe'")
+    if "sec_per_video" not in meta:
+        raise KeyError(f"{path}: missing key 'sec_per_video'")
+    return meta
+
+
+def _checked(frames: np.ndarray, path: Path, shape: tuple[int, int, int]) -> np.ndarray:
+    if frames.shape[1:] != shape[1:] or frames.shape[0] < shape[0]:
+        raise ValueError(f"{path}: clip is {list(frames.shape)}, the protocol needs at least "
+                         f"{shape[0]} frames of {shape[2]}x{shape[1]} (W x H)")
+    return frames[: shape[0]]
+
+
+def weights_description(params: dict) -> str:
+    if params["weights"]["source"] == "config":
+        return "small models built from configs (not SVD)"
+    ref = params["weights"]["teacher"]
+    return f"pretrained {ref['repo_id']}@{ref['revision']}"
+
+
+def build_protocol(params: dict, video_ext, frame_ext, n_real: int, n_gen: int, meta: dict) -> dict:
+    data = params["data"]
+    res = data["resolution"]
+    protocol = {
+        "fvd_backbone": video_ext.name,
+        "fid_backbone": frame_ext.name,
+        "clips_real": n_real,
+        "clips_generated": n_gen,
+        "frames": data["frames"],
+        "resolution": [res["width"], res["height"]],
+        "resize": video_ext.resize,
+        "fps": data["fps"],
+        "seeds": meta.get("seeds", params["eval"]["seed"]),
+        "scale": params["scale"],
+        "weights": weights_description(params),
+    }
+    for key in ("teacher_sha256", "student_sha256"):
+        if key in meta:
+            protocol[key] = meta[key]
+    return protocol
+
+
+def evaluate_method(params: dict, method: str, samples: str, clips: str, base: str, out: str,
+                    cache_dir: str | None = "features", device: str | None = None) -> dict:
+    """Compute FVD and FID for one method and write the metric JSON atomically; return it."""
+    import torch
+
+    from osv.atomic import write_json
+    from osv.eval.features import clip_features, frame_extractor, video_extractor
+    from osv.eval.frechet import frechet_from_features
+    from osv.video import load_clip, read_frames
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data, ev = params["data"], params["eval"]
+    w, h, t = data["resolution"]["width"], data["resolution"]["height"], data["frames"]
+    shape = (t, h, w, 3)
+    meta = read_meta(samples)
+    real_paths, gen_paths = real_clip_paths(clips, ev["num_clips"]), sample_paths(samples)
+    video_ext, frame_ext = video_extractor(params, base, device), frame_extractor(params, device)
+    extractors = {"video": video_ext, "frame": frame_ext}
+    load_real = lambda p: _checked(load_clip(p, t, data["fps"], w, h), p, shape)  # noqa: E731
+    load_gen = lambda p: _checked(read_frames(p)[0], p, shape)  # noqa: E731
+    feat_protocol = {"frames": t, "fps": data["fps"], "resolution": [w, h]}
+    real = clip_features(real_paths, load_real, extractors, ev["batch_size"], {**feat_protocol, "side": "real"},
+                         cache_dir, desc="real clips")
+    gen = clip_features(gen_paths, load_gen, extractors, ev["batch_size"], {**feat_protocol, "side": "generated"},
+                        cache_dir, desc=f"{method} clips")
+    result = {
+        "method": method,
+        "fvd": frechet_from_features(real["video"], gen["video"]),
+        "fid": frechet_from_features(real["frame"], gen["frame"]),
+        "nfe": meta["nfe"],
+        "sec_per_video": meta["sec_per_video"],
+        "protocol": build_protocol(params, video_ext, frame_ext, len(real_paths), len(gen_paths), meta),
+        "warnings": protocol_warnings(len(real_paths), len(gen_paths), video_ext.dim),
+    }
+    write_json(out, result)
+    return result
+
+
+def protocol_warnings(n_real: int, n_gen: int, dim: int) -> list[str]:
+    n = min(n_real, n_gen)
+    if n >= MIN_CLIPS_FOR_STABLE_COVARIANCE:
+        return []
+    return [f"only {n_real} real / {n_gen} generated clips (< {MIN_CLIPS_FOR_STABLE_COVARIANCE}): the "
+            f"{dim}-d feature covariance is {'singular' if n <= dim else 'poorly conditioned'}, so this FVD "
+            f"is only comparable with numbers made under exactly this protocol"]

