@@ -137,15 +137,19 @@ def _resume_get(url: str, partial: Path, expected_size: int | None, headers: dic
     if expected_size is not None and resume > expected_size:
         partial.unlink()  # longer than the file: not a prefix of it
         resume = 0
+    if expected_size is not None and resume == expected_size:
+        return  # complete; the caller verifies it
+    # expected_size is not passed on: a server sending another size than the hub reported
+    # then fails our own check with a clear message (and the bad file is removed).
     try:
         with open(partial, "ab") as f:
-            http_get(url, f, resume_size=resume, headers=headers, expected_size=expected_size,
+            http_get(url, f, resume_size=resume, headers=headers,
                      displayed_filename=partial.name.removesuffix(".incomplete"))
     except HfHubHTTPError as exc:
         if resume and exc.response is not None and exc.response.status_code == 416:
             partial.unlink()  # the server cannot continue this prefix: start over once
             with open(partial, "ab") as f:
-                http_get(url, f, headers=headers, expected_size=expected_size)
+                http_get(url, f, headers=headers)
         else:
             raise
 

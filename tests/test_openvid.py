@@ -177,3 +177,13 @@ def test_content_not_matching_advertised_sha256_is_refused(hub, tmp_path):
     cache = repo_cache("dataset", REPO, hub.repo.commit)
     assert not list(cache.glob("OpenVid_part0.zip*[!k]"))  # neither the file nor a partial (only the lock)
     assert os.environ["HF_HOME"].startswith(str(tmp_path))
+
+
+def test_content_not_matching_advertised_size_is_refused(hub, tmp_path):
+    from osv.data.openvid import fetch
+    from osv.hub import DownloadError
+
+    size = len(hub.repo.files["OpenVid_part0.zip"])
+    hub.repo.advertised["OpenVid_part0.zip"] = {"size": size + 10}
+    with pytest.raises(DownloadError, match=f"size mismatch: the hub reports {size + 10} bytes, got {size}"):
+        fetch(REPO, hub.repo.commit, hub.endpoint, "OpenVid_part0.zip")
