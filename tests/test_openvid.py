@@ -91,27 +91,32 @@ def make_params(endpoint: str, **openvid) -> dict:
     return validate(params)
 
 
-def read_manifest(out: Path) -> list[dict]:
+def manifest_rows(out: Path) -> list[dict]:
     with open(out / "manifest.csv", newline="") as f:
         return list(csv.DictReader(f))
 
 
 def test_full_fetch_writes_clips_manifest_and_report(hub, tmp_path):
-    from osv.data.openvid import MANIFEST_COLUMNS, prepare
+    from osv.data import MANIFEST_COLUMNS, read_manifest
+    from osv.data.openvid import prepare
+    from osv.video import load_clip
 
     out = tmp_path / "clips"
     prepare(make_params(hub.endpoint), out)
-    rows = read_manifest(out)
-    assert list(rows[0]) == MANIFEST_COLUMNS
+    rows = read_manifest(out / "manifest.csv")
+    assert tuple(rows[0]) == MANIFEST_COLUMNS
     assert sorted(Path(r["video"]).name for r in rows) == GOOD
     assert sum(r["split"] == "test" for r in rows) == 2
     for r in rows:
         assert (out / r["video"]).is_file() and r["video"].startswith(r["split"] + "/")
         assert r["caption"] == f"a caption, for {Path(r['video']).name}"
-        assert (int(r["frames"]), float(r["fps"]), int(r["width"]), int(r["height"])) == (16, 8.0, 64, 48)
-        assert float(r["start_sec"]) == 0.0 and float(r["end_sec"]) == pytest.approx(2.0)
+        assert (r["frames"], r["fps"], r["width"], r["height"]) == (8, 7.0, 128, 64)  # the clip to cut
+        assert r["start_sec"] == 0.0 and r["end_sec"] == pytest.approx(8 / 7)
         assert r["source"] in ("openvid:OpenVid_part0.zip", "openvid:OpenVid_part1.zip")
+    clip = load_clip(out / rows[0]["video"], 8, 7, 128, 64, start_sec=0.0)  # the loader cuts what a row says
+    assert clip.shape == (8, 64, 128, 3)
     report = json.loads((out / "report.json").read_text())
+    assert report["native"][rows[0]["video"]] == {"frames": 16, "fps": 8.0, "width": 64, "height": 48, "end_sec": 2.0}
     assert [(x["video"], x["reason"].split(":")[0]) for x in report["rejected"]] == [("broken.mp4", "undecodable")]
     assert report["counts"] == {"videos_in_parts": 9, "not_in_csv": 1, "checked": 8, "rejected": 1,
                                 "train": 5, "test": 2}
@@ -128,14 +133,14 @@ def test_split_is_seeded_disjoint_and_subset(hub, tmp_path):
         p = copy.deepcopy(params)
         p["seed"] = seed
         prepare(p, out)
-        rows = read_manifest(out)
+        rows = manifest_rows(out)
         test, train = ({r["video"].split("/")[1] for r in rows if r["split"] == s} for s in ("test", "train"))
         assert not test & train and len(test) == 2
         assert tests.setdefault(seed, test) == test  # the same seed gives the same split
     assert len({frozenset(t) for t in tests.values()}) > 1  # other seeds give other splits
     p = make_params(hub.endpoint, train_subset=3)
     prepare(p, tmp_path / "subset")
-    assert sum(r["split"] == "train" for r in read_manifest(tmp_path / "subset")) == 3
+    assert sum(r["split"] == "train" for r in manifest_rows(tmp_path / "subset")) == 3
 
 
 def test_dropped_connection_resumes_with_range(hub, tmp_path, monkeypatch):
@@ -150,7 +155,7 @@ def test_dropped_connection_resumes_with_range(hub, tmp_path, monkeypatch):
     gets = [rng for m, p, rng in hub.log if m == "GET" and p.endswith("OpenVid_part0.zip")]
     assert len(gets) == 2 and gets[0] is None and gets[1].startswith("bytes=")
     assert 0 < int(gets[1][6:].rstrip("-")) <= size // 2
-    assert len(read_manifest(tmp_path / "clips")) == 7
+    assert len(manifest_rows(tmp_path / "clips")) == 7
 
 
 def test_partial_incomplete_file_is_resumed(hub, tmp_path):

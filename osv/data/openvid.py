@@ -8,7 +8,10 @@ seconds). Zip members sit in sub-folders; like the README's `unzip -j` we keep b
 
 Called by `osv data` (osv/data/prepare.py) when data.source == "openvid". Output, as for
 the embedded data set: data/clips/{train,test}/*.mp4 (hard links to the extracted files,
-not re-encoded), data/clips/manifest.csv and data/clips/report.json.
+not re-encoded), data/clips/manifest.csv and data/clips/report.json. As in the embedded
+manifest, a row describes the clip to cut, which `osv.video.load_clip` does: data.frames
+frames at data.fps from start_sec 0 (resampled by time), resized/cropped to data.resolution;
+each file's own frame count, rate and size are in report.json ("native").
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
+from osv.data import MANIFEST_COLUMNS, write_manifest
 from osv.hub import fetch_file as hub_fetch
 from osv.hub import link_or_copy, list_files, paths_info, repo_cache, resolve_commit
 
 PART_ZIP = "OpenVid_part{n}.zip"
 PART_PIECES = "OpenVid_part{n}_part*"
 REPO_TYPE = "dataset"
-MANIFEST_COLUMNS = ["video", "caption", "split", "source", "start_sec", "end_sec", "frames", "fps", "width", "height"]
 
 
 def prepare(params: dict, out: Path) -> None:
@@ -51,6 +54,11 @@ def prepare(params: dict, out: Path) -> None:
             videos.setdefault(mp4.name, (mp4, PART_ZIP.format(n=n)))
     min_seconds = params["data"]["frames"] / params["data"]["fps"]
     chosen, rejected, checked = select_clips(videos, captions, cfg, params["seed"], min_seconds)
+    native = {r["video"]: {k: r.pop(k) for k in ("frames", "fps", "width", "height", "end_sec")} for r in chosen}
+    d = params["data"]
+    for r in chosen:
+        r.update(end_sec=min_seconds, frames=d["frames"], fps=d["fps"], width=d["resolution"]["width"],
+                 height=d["resolution"]["height"])
     report = {
         "source": "openvid", "repo_id": repo, "revision": cfg["revision"], "commit": commit,
         "csv": cfg["csv"], "parts": list(cfg["parts"]), "sha256": hashes, "seed": params["seed"],
@@ -60,6 +68,7 @@ def prepare(params: dict, out: Path) -> None:
                    "checked": checked, "rejected": len(rejected),
                    **{split: sum(r["split"] == split for r in chosen) for split in ("train", "test")}},
         "rejected": rejected,
+        "native": native,
     }
     write_clips(out, chosen, videos, report)
 
@@ -219,8 +228,5 @@ def write_clips(out: Path, rows: list[dict], videos: dict, report: dict) -> None
             (tmp / split).mkdir(parents=True)
         for row in tqdm(rows, desc="link clips", unit="clip"):
             link_or_copy(videos[Path(row["video"]).name][0], tmp / row["video"])
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=MANIFEST_COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: row[k] for k in MANIFEST_COLUMNS} for row in rows)
+        write_manifest(tmp / "manifest.csv", [{k: row[k] for k in MANIFEST_COLUMNS} for row in rows])
         write_json(tmp / "report.json", report)
