@@ -275,3 +275,62 @@ def test_evaluate_method_refuses_wrong_frame_count(tmp_path, real_halves):
         evaluate_method(params, "osv_1", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
                         str(tmp_path / "m.json"), cache_dir=None, device="cpu")
     assert not (tmp_path / "m.json").exists()
+
+
+def test_osv_fvd_command_through_run_stage(tmp_path, real_halves, monkeypatch):
+    """The `osv fvd` CLI: params validated, work run through osv.launch.run_stage (in-process)."""
+    import argparse
+
+    import yaml
+
+    from osv.eval import fvd
+    from osv.video import write_mp4
+
+    monkeypatch.delenv("OSV_LAUNCHER", raising=False)
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 6
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    a, b = real_halves
+    write_clip_set(tmp_path / "clips", a[:6], params["data"]["fps"])
+    for i, clip in enumerate(b[:6]):
+        write_mp4(tmp_path / "samples" / f"clip-{i:04d}.mp4", clip, params["data"]["fps"])
+    (tmp_path / "samples" / "meta.json").write_text(json.dumps({"nfe": 50, "sec_per_video": 2.0}))
+    parser = argparse.ArgumentParser()
+    fvd.register(parser.add_subparsers(dest="command"))
+    argv = ["fvd", "--params", str(tmp_path / "params.yaml"), "--method", "teacher_25", "--samples",
+            str(tmp_path / "samples"), "--clips", str(tmp_path / "clips"), "--base", str(tmp_path / "base"),
+            "--out", str(tmp_path / "teacher_25.json"), "--cache-dir", "", "--device", "cpu"]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0
+    saved = json.loads((tmp_path / "teacher_25.json").read_text())
+    assert saved["method"] == "teacher_25" and saved["nfe"] == 50 and saved["fvd"] > 0
+    from osv.params import ParamsError
+
+    bad = parser.parse_args([*argv[:4], "nope", *argv[5:]])
+    with pytest.raises(ParamsError, match="nope"):
+        bad.func(bad)
+
+
+def test_inception_refuses_to_download(tmp_path, monkeypatch):
+    from osv.eval.features import InceptionFrameFeatures
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(WeightsError, match="not downloaded"):
+        InceptionFrameFeatures()
+
+
+def test_bench_fvd_runs(tmp_path, capsys):
+    import argparse
+
+    from osv import bench_fvd
+
+    parser = argparse.ArgumentParser()
+    bench_fvd.add_args(parser)
+    args = parser.parse_args(["--params", str(REPO / "params.yaml"), "--clips", "2", "--feature-clips", "64",
+                              "--dims", "16,32", "--device", "cpu", "--out", str(tmp_path / "bench.json")])
+    result = bench_fvd.run(args)
+    assert [r["unit"] for r in result["rows"]] == ["clips/s", "clips/s", "s", "s"]
+    assert all(r["value"] > 0 for r in result["rows"])
+    assert "Fréchet step, 32-d" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["backbone"].startswith("stand-in")
