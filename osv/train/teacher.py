@@ -167,11 +167,11 @@ def train_teacher(unet, params: dict, latents_root, device, curve) -> None:
         opt.zero_grad(set_to_none=True)
         prec.backward(loss)
         prec.step(opt, list(unet.parameters()), params["train"]["grad_clip"])
-        row = {"step": step + 1, "loss": float(loss), "lr": cfg["lr"]}
+        row = {"step": step + 1, "loss": float(loss.detach()), "lr": cfg["lr"]}
         if (step + 1) % eval_every == 0 and step + 1 < cfg["steps"]:
             row["heldout_loss"] = evaluate_loss_only(denoiser, test, params)
         curve.append(row)
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         bar.update(1)
     bar.close()
     unet.eval()
