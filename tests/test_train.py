@@ -9,7 +9,6 @@ docs/design.md format (random latents; shapes are what matters here).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -159,11 +158,10 @@ def test_stage1_then_stage2_export_loads_and_samples(trained):
     from diffusers import UNetSpatioTemporalConditionModel
 
     from osv.conditioning import from_batch
-    from osv.latents import LatentDataset
     from osv.samplers import tts_sample
     from osv.sde import Denoiser
     from osv.train.logging import TRAIN_COLUMNS
-    from osv.train.loop import collate
+    from osv.train.teacher import load_split
 
     root, params, ws = trained
     train(params, ws, root, "stage1")
@@ -179,8 +177,7 @@ def test_stage1_then_stage2_export_loads_and_samples(trained):
     assert sampler["sampler"] == "tts" and sampler["num_sigmas"] == params["sde"]["num_sigmas"]
 
     unet = UNetSpatioTemporalConditionModel.from_pretrained(str(out / "unet"))
-    size = params["data"]["resolution"]
-    test = collate([LatentDataset(ws["latents"], "test", size["width"], size["height"])[i] for i in range(2)], "cpu")
+    test = load_split(ws["latents"], "test", params, "cpu")
     cond = from_batch(test, params)
     sample = tts_sample(Denoiser(unet), cond, tuple(test["latents"].shape), generator=torch.Generator().manual_seed(0))
     assert sample.nfe == 2 and torch.isfinite(sample.latents).all()
@@ -225,4 +222,3 @@ def test_cli_parses_train_and_teacher():
     args = parser.parse_args(["train", "--run", "stage1", "--init", "models/teacher", "--ckpt", "runs/stage1",
                               "--out", "models/stage1", "--metrics", "m.json", "--plots", "p.csv"])
     assert args.func is distill.cmd_train and args.teacher == "models/teacher"
-    shutil.rmtree  # (keeps the import used by helpers)
