@@ -83,6 +83,8 @@ SlurmctldHost=$HOST(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire+1 s before it may start again (default 120).
+AuthInfo=cred_expire=20
 StateSaveLocation=$SCRATCH/state/ctld
 SlurmdSpoolDir=$SCRATCH/state/d
 SlurmctldPidFile=$PIDS/slurmctld.daemon.pid
