@@ -334,3 +334,29 @@ def test_bench_fvd_runs(tmp_path, capsys):
     assert all(r["value"] > 0 for r in result["rows"])
     assert "Fréchet step, 32-d" in capsys.readouterr().out
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["backbone"].startswith("stand-in")
+
+
+def test_dinov2_mse_for_paired_samples(tmp_path, real_halves):
+    """Table 3 reading: samples equal to their test clips are close to the target, far from the still input."""
+    from osv.eval.fvd import evaluate_method
+    from osv.models import build_small_dinov2
+    from osv.video import write_mp4
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 3
+    a, _ = real_halves
+    write_clip_set(tmp_path / "clips", a[:3], params["data"]["fps"])
+    build_small_dinov2(0).save_pretrained(tmp_path / "base" / "dinov2")
+    samples = tmp_path / "samples"
+    for i in range(3):
+        write_mp4(samples / f"clip-{i:04d}.mp4", a[i], params["data"]["fps"])
+    meta = {"nfe": 1, "sec_per_video": 0.1, "sampler": "consistency", "unet_sha256": "12" * 32,
+            "teacher_unet_sha256": "34" * 32, "clip_ids": [f"test/clip-{i:03d}" for i in range(3)]}
+    (samples / "meta.json").write_text(json.dumps(meta))
+    result = evaluate_method(params, "osv_1", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
+                             str(tmp_path / "m.json"), cache_dir=None, device="cpu")
+    mse = result["dinov2_mse"]
+    assert mse["frames"] == 3 * T and 0 <= mse["vs_target"] < mse["vs_input"]
+    assert result["protocol"]["student_sha256"] == "12" * 32
+    assert result["protocol"]["teacher_sha256"] == "34" * 32

@@ -89,6 +89,8 @@ def project(tmp_path):
                "osv_1": metric(300.0, 1), "osv_2": metric(200.0, 2),
                "osv_tts": metric(123.45, 2, fvd_backbone="i3d_torchscript.pt sha256:" + "ef" * 32),
                "abl_a_m1_tts": metric(400.0, 2)}
+    metrics["osv_1"]["dinov2_mse"] = {"vs_input": 0.0123, "vs_target": 0.0456, "frames": 128,
+                                      "backbone": "DINOv2 (models/base/dinov2) pooled CLS at 56x56"}
     for name, m in metrics.items():
         path = tmp_path / "metrics" / "eval" / f"{name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +123,9 @@ def test_report_tables_protocols_and_plots(project):
     assert "123.45" in rest and "fvd_backbone = i3d_torchscript.pt" in rest.split("## Previews")[0]
     # the protocol is printed once, with its warnings
     assert text.count("stand-in: rand3d-motion-v1, seed 0") == 1 and "only 16 clips" in text
-    assert "DINOv2-feature MSE is not computed" in text
+    table3 = text.split("## Table 3")[1].split("## Rows")[0]
+    assert "| ACD (stage 2) | 0.0123 | 0.0456 | 0.0022 | 4.09e-05 |" in table3
+    assert "not computed for `abl_c_stage1_only`:" in table3 and "pooled CLS at 56x56" in table3
     # previews: the OSV one embedded, links relative to reports/
     assert "![osv_1 preview](../samples/osv_1/preview.gif)" in text
     assert "[contact.png](../samples/osv_1/contact.png)" in text

@@ -105,14 +105,25 @@ def build_protocol(params: dict, video_ext, frame_ext, n_real: int, n_gen: int, 
         "resolution": [res["width"], res["height"]],
         "resize": video_ext.resize,
         "fps": data["fps"],
-        "seeds": meta.get("seeds", params["eval"]["seed"]),
+        "seeds": meta.get("seeds", meta.get("seed", params["eval"]["seed"])),
         "scale": params["scale"],
         "weights": weights_description(params),
     }
-    for key in ("teacher_sha256", "student_sha256"):
-        if key in meta:
-            protocol[key] = meta[key]
+    protocol.update(checkpoint_hashes(meta))
     return protocol
+
+
+def checkpoint_hashes(meta: dict) -> dict:
+    """teacher_sha256 / student_sha256 from meta.json (osv generate names them *_unet_sha256 / unet_sha256)."""
+    out = {}
+    teacher = meta.get("teacher_sha256", meta.get("teacher_unet_sha256"))
+    is_student = meta.get("sampler") not in (None, "teacher")  # the teacher's unet is not a student
+    student = meta.get("student_sha256", meta.get("unet_sha256") if is_student else None)
+    if teacher:
+        out["teacher_sha256"] = teacher
+    if student:
+        out["student_sha256"] = student
+    return out
 
 
 def evaluate_method(params: dict, method: str, samples: str, clips: str, base: str, out: str,
@@ -149,6 +160,7 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
         "protocol": build_protocol(params, video_ext, frame_ext, len(real_paths), len(gen_paths), meta),
         "warnings": protocol_warnings(len(real_paths), len(gen_paths), video_ext.dim),
     }
+    result["dinov2_mse"] = dinov2_mse(params, base, clips, gen_paths, meta, load_real, load_gen, device)
     write_json(out, result)
     return result
 
@@ -160,3 +172,46 @@ def protocol_warnings(n_real: int, n_gen: int, dim: int) -> list[str]:
     return [f"only {n_real} real / {n_gen} generated clips (< {MIN_CLIPS_FOR_STABLE_COVARIANCE}): the "
             f"{dim}-d feature covariance is {'singular' if n <= dim else 'poorly conditioned'}, so this FVD "
             f"is only comparable with numbers made under exactly this protocol"]
+
+
+def _dinov2_features(model, frames: np.ndarray, size: int, device: str):
+    """Pooled (CLS, layer-normed) DINOv2 features of uint8 frames [N, H, W, 3], ImageNet-normalised."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.as_tensor(frames).permute(0, 3, 1, 2).float().div(255).to(device)
+    x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    return model(pixel_values=(x - mean) / std).pooler_output.double()
+
+
+def dinov2_mse(params: dict, base: str | Path, clips: str | Path, gen_paths: list[Path], meta: dict,
+               load_real, load_gen, device: str) -> dict | None:
+    """Table 3 [reconstructed reading]: MSE of DINOv2 features of every generated frame against
+    the conditioning image (the test clip's first frame) repeated, and against the test clip's
+    frame at the same time ("target"). Needs meta.json `clip_ids` (the test clip id of each
+    sample, in sample name order) and base/dinov2; returns None (with the reason printed) otherwise.
+    """
+    import torch
+
+    from osv.models import load_dinov2
+
+    ids, folder = meta.get("clip_ids"), Path(base) / "dinov2"
+    if not ids or len(ids) != len(gen_paths) or not folder.is_dir():
+        print(f"[osv fvd] DINOv2-feature MSE skipped: needs meta.json clip_ids for all {len(gen_paths)} "
+              f"samples and {folder}")
+        return None
+    model = load_dinov2(folder).eval().to(device)
+    size = params["disc"]["backbone_input"]
+    sums = {"vs_input": 0.0, "vs_target": 0.0}
+    count = 0
+    with torch.no_grad():
+        for clip_id, gen_path in zip(ids, gen_paths):
+            real = _dinov2_features(model, load_real(Path(clips) / f"{clip_id}.mp4"), size, device)
+            gen = _dinov2_features(model, load_gen(gen_path), size, device)
+            sums["vs_input"] += (gen - real[:1]).pow(2).mean().item() * len(gen)
+            sums["vs_target"] += (gen - real).pow(2).mean().item() * len(gen)
+            count += len(gen)
+    return {k: v / count for k, v in sums.items()} | {
+        "backbone": f"DINOv2 ({folder}) pooled CLS at {size}x{size}", "frames": count}

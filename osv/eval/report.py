@@ -150,16 +150,22 @@ def table3(same: dict) -> str:
         mse = same.get(r["method"], {}).get("dinov2_mse")
         if mse is None:
             missing.append(r["method"])
-        rows.append([r["stage"], (mse or {}).get("vs_input"), (mse or {}).get("vs_target"),
-                     r["vs_input"], r["vs_target"], f"`{r['method']}`"])
+        values = [(mse or {}).get("vs_input"), (mse or {}).get("vs_target"), r["vs_input"], r["vs_target"]]
+        rows.append([r["stage"], *(None if v is None else f"{v:.3g}" for v in values), f"`{r['method']}`"])
     header = ["stage", "vs input (ours)", "vs target (ours)", "vs input (paper)", "vs target (paper)", "row"]
     text = md_table(header, rows)
     if missing:
         text += ("\n\nOur DINOv2-feature MSE is not computed for " + ", ".join(f"`{m}`" for m in missing)
-                 + ": it needs each generated clip paired with its conditioning image and target test clip, "
-                 "and the metric files carry no `dinov2_mse` (the sample metadata does not record which "
-                 "test clip each sample was generated from). At the embedded scale the DINOv2 is a small "
-                 "randomly initialised model, so its MSE would not be comparable with the paper's anyway.")
+                 + ": `osv fvd` computes it only when samples/M/meta.json lists `clip_ids` (the test clip "
+                 "each sample was generated from) and models/base/dinov2 exists; these metric files carry "
+                 "no `dinov2_mse`.")
+    backbones = sorted({same[r["method"]]["dinov2_mse"]["backbone"] for r in TABLE3
+                        if (same.get(r["method"], {}).get("dinov2_mse") or {}).get("backbone")})
+    if backbones:
+        text += ("\n\nOur reading [reconstructed]: MSE of the DINOv2 features of every generated frame against "
+                 "the conditioning image (the test clip's first frame) and against the test clip's frame at the "
+                 "same time; backbone " + "; ".join(backbones) + ". At the embedded scale this DINOv2 is a small "
+                 "randomly initialised model, so the values are not comparable with the paper's.")
     return text
 
 
