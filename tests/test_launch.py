@@ -137,3 +137,23 @@ def test_describe_names_host_and_gpus(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     line = launch.describe()
     assert "host=" in line and "CUDA_VISIBLE_DEVICES=1" in line
+
+
+@pytest.mark.parametrize(("profile", "want"), [("slurm", "slurm"), ("local", "none")])
+def test_profiles_set_the_launcher(tmp_path, profile, want):
+    """The profile's config `launcher` reaches the rules' commands as OSV_LAUNCHER."""
+    import subprocess
+    import sys
+
+    (tmp_path / "Snakefile").write_text(
+        "import os\n"
+        "os.environ['OSV_LAUNCHER'] = str(config.pop('launcher', os.environ.get('OSV_LAUNCHER', 'none')))\n"
+        "rule all:\n"
+        "    output: 'launcher.txt'\n"
+        "    shell: 'echo $OSV_LAUNCHER > {output}'\n")
+    env = {k: v for k, v in os.environ.items() if k != "OSV_LAUNCHER"}
+    snakemake = Path(sys.executable).parent / "snakemake"
+    run = subprocess.run([str(snakemake), "--profile", str(REPO / profile), "--cores", "1", "-q"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "launcher.txt").read_text().strip() == want
