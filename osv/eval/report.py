@@ -247,8 +247,11 @@ def read_numeric_csv(path: Path) -> dict[str, list[float]]:
 
 
 def write_train_curves(train_dir: Path, png_path: Path) -> list[str]:
-    """One panel per numeric column (x = step or row index), one line per run; returns run names."""
-    runs = {p.stem: read_numeric_csv(p) for p in sorted(train_dir.glob("*.csv"))}
+    """One panel per numeric column (x = step or row index), one line per run (plots/train/*.csv and
+    plots/teacher.csv); returns the run names."""
+    files = sorted(train_dir.glob("*.csv"))
+    teacher = train_dir.parent / "teacher.csv"  # the teacher stage's curve, beside plots/train
+    runs = {p.stem: read_numeric_csv(p) for p in ([teacher] if teacher.exists() else []) + files}
     runs = {k: v for k, v in runs.items() if v}
     if not runs:
         return []
