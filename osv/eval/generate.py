@@ -77,11 +77,12 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
             "unet_sha256": sha256(unet_dir / UNET_FILE), "model": str(model),
             "teacher_unet_sha256": sha256(Path(teacher) / "unet" / UNET_FILE),
             "weights": _provenance(params), "device": device}
-    seconds, nfe = 0.0, set()
+    seconds, nfe, clip_ids = 0.0, set(), []
     with atomic_path(out) as tmp:
         tmp.mkdir()
         for b, start in enumerate(tqdm(range(0, count, ev["batch_size"]), desc=f"generate {method_name}")):
             items = [dataset[i] for i in range(start, min(start + ev["batch_size"], count))]
+            clip_ids += [str(it["clip_id"]) for it in items]
             batch = {k: torch.stack([it[k] for it in items]) for k in ("latents", "cond_latents", "image_embeds")}
             cond = from_batch(batch, params, device=device)
             generator = torch.Generator(device).manual_seed(ev["seed"] * 100_003 + b)
@@ -92,7 +93,8 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
             nfe.add(result.nfe)
             for k, clip in enumerate(frames):
                 write_mp4(tmp / f"clip-{start + k:04d}.mp4", to_uint8(clip), data["fps"])
-        meta.update(nfe=nfe.pop() if len(nfe) == 1 else sorted(nfe), sec_per_video=seconds / max(count, 1))
+        meta.update(nfe=nfe.pop() if len(nfe) == 1 else sorted(nfe), sec_per_video=seconds / max(count, 1),
+                    clip_ids=clip_ids)
         write_json(tmp / "meta.json", meta)
         from osv.eval.previews import make_previews
 
