@@ -7,7 +7,13 @@ rule generate:
         "data/latents",
         model=method_model,
     output:
-        directory("samples/{method}"),
+        report(
+            directory("samples/{method}"),
+            patterns=["preview.gif", "contact.png"],
+            caption="../report/previews.rst",
+            category="Previews",
+            subcategory="{method}",
+        ),
     params:
         method=lambda wc: config["eval"]["methods"][wc.method],
         eval={k: v for k, v in config["eval"].items() if k != "methods"},
@@ -46,7 +52,10 @@ rule report:
         "metrics/vae.json",
         "metrics/teacher.json",
     output:
-        "reports/results.md",
+        report("reports/results.md", caption="../report/results.rst", category="Results"),
+        report("reports/fvd_vs_nfe.png", caption="../report/fvd_vs_nfe.rst", category="Results"),
+        report("reports/train_curves.png", caption="../report/train_curves.rst", category="Training"),
+        "reports/metrics.json",
         "plots/fvd_vs_nfe.csv",
     params:
         methods=config["eval"]["methods"],
