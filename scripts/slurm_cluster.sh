@@ -213,8 +213,33 @@ start() {
 
 node_idle_or_busy() { sinfo -h -n "$HOST" -o %t 2>/dev/null | grep -Eqx "idle|mix|alloc"; }
 
+# Cancel what is still queued or running while slurmd can still end it cleanly.
+drain_jobs() {
+  alive slurmctld || return 0
+  local ids
+  ids=$(squeue -h -o %i 2>/dev/null || true)
+  [ -n "$ids" ] || return 0
+  log "cancelling jobs: $(echo $ids)"
+  scancel $ids 2>/dev/null || true
+  for _ in $(seq 1 100); do
+    [ -z "$(squeue -h -o %i 2>/dev/null)" ] && return 0
+    sleep 0.3
+  done
+}
+
+# Step daemons outlive slurmd; ours are the ones started with our SLURM_CONF.
+kill_stray_stepds() {
+  local d
+  for d in /proc/[0-9]*; do
+    [ "$(cat "$d/comm" 2>/dev/null)" = slurmstepd ] || continue
+    tr '\0' '\n' <"$d/environ" 2>/dev/null | grep -x "SLURM_CONF=$CONF" >/dev/null && { kill -KILL "${d#/proc/}" 2>/dev/null || true; }
+  done
+  return 0
+}
+
 stop_daemons() {
   local name pid
+  drain_jobs
   for name in slurmd slurmctld slurmdbd mariadb munged; do
     [ -s "$PIDS/$name.pid" ] || continue
     pid=$(cat "$PIDS/$name.pid")
@@ -225,6 +250,7 @@ stop_daemons() {
     fi
     rm -f "$PIDS/$name.pid"
   done
+  kill_stray_stepds
 }
 
 stop() {
