@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from osv.launch import LaunchError
 from osv.params import ParamsError
 
 COMMAND_MODULES = [
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"osv {args.command}: {exc}", file=sys.stderr)
         return 2
+    except LaunchError as exc:
+        print(f"osv {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
