@@ -13,31 +13,34 @@ import sys
 from osv.launch import LaunchError
 from osv.params import ParamsError
 
-COMMAND_MODULES = [
-    "osv.data.prepare",
-    "osv.weights",
-    "osv.vae",
-    "osv.encode",
-    "osv.train.teacher",
-    "osv.train.distill",
-    "osv.eval.generate",
-    "osv.eval.fvd",
-    "osv.eval.report",
-    "osv.bench",
-    "osv.experiments.toy",
-]
+# command name -> module holding its register(); only the module of the command run is imported.
+COMMANDS = {
+    "data": "osv.data.prepare",
+    "weights": "osv.weights",
+    "vae": "osv.vae",
+    "encode": "osv.encode",
+    "teacher": "osv.train.teacher",
+    "train": "osv.train.distill",
+    "generate": "osv.eval.generate",
+    "fvd": "osv.eval.fvd",
+    "report": "osv.eval.report",
+    "bench": "osv.bench",
+    "experiment": "osv.experiments.toy",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     try:
         return args.func(args) or 0
     except ParamsError as exc:
