@@ -118,3 +118,15 @@ def tts_sample(denoiser: Denoiser, cond, shape, generator=None, third_eval: bool
         c_skip, c_out = denoiser.coefficients(s_max, x_back, consistency=True)
         result = c_skip * x_back + c_out * out2  # F2 reused: the NFE-2 reading
     return SampleResult(result, denoiser.nfe - start)
+
+
+@torch.no_grad()
+def decode_latents(vae, latents: Tensor, chunk: int | None = None) -> Tensor:
+    """Scaled latents [B, T, 4, h, w] -> frames [B, T, 3, H, W] in [-1, 1], decoded `chunk` frames
+    at a time (StableVideoDiffusionPipeline.decode_latents; chunk None = all frames at once)."""
+    b, t = latents.shape[:2]
+    flat = latents.flatten(0, 1).to(vae.dtype) / vae.config.scaling_factor
+    chunk = chunk or flat.shape[0]
+    frames = [vae.decode(flat[i : i + chunk], num_frames=len(flat[i : i + chunk])).sample
+              for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(frames).float().reshape(b, t, *frames[0].shape[1:])

@@ -51,3 +51,13 @@ def test_teacher_sample_matches_the_svd_pipeline(pipe, steps, cfg):
     assert ours.nfe == (2 * steps if cfg > 1 else steps)
     if steps == 25:  # the comparison is sensitive: passing fps instead of fps - 1 is far off
         assert _rel(_ours(pipe, image, steps, cfg, seed=3, fps=8).latents, ref) > 1e-3
+
+
+def test_decode_latents_matches_the_pipeline_chunked(pipe):
+    from osv.samplers import decode_latents
+
+    latents = torch.randn(1, T, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(0))
+    ours = decode_latents(pipe.vae, latents, chunk=3)
+    ref = pipe.decode_latents(latents, T, decode_chunk_size=3)  # [B, C, T, H, W]
+    assert ours.shape == (1, T, 3, H, W)
+    torch.testing.assert_close(ours, ref.permute(0, 2, 1, 3, 4))

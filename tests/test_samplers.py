@@ -141,3 +141,41 @@ def test_tts_with_exact_consistency_fn_samples_unit_variance_data(third_eval):
     out = tts_sample(student, GaussCond(mu.expand(N, -1, -1, -1, -1)), _shape(),
                      generator=torch.Generator().manual_seed(4), third_eval=third_eval, dtype=DT)
     assert_matches_gaussian(out.latents, mu, s)
+
+
+def _bench_parser():
+    import argparse
+
+    from osv import bench
+
+    parser = argparse.ArgumentParser(prog="osv")
+    bench.register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_bench_sample_runs_and_reports(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    params = str(Path(__file__).resolve().parent.parent / "params.yaml")
+    args = _bench_parser().parse_args(["bench", "sample", "--params", params, "--teacher-steps", "2",
+                                       "--student-steps", "1,2", "--repeats", "1", "--warmup", "0",
+                                       "--frames", "2", "--width", "32", "--height", "16",
+                                       "--out", str(tmp_path / "bench.json")])
+    assert args.func(args) == 0
+    table = capsys.readouterr().out
+    assert "RANDOM weights" in table and "student 1 step + TTS" in table and "speed-up" in table
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["steps"], r["nfe"]) for r in rows] == [(2, 4), (1, 1), (1, 2), (2, 2)]
+    assert rows[0]["speedup"] == 1.0 and all(r["sec_per_video"] > 0 for r in rows)
+
+
+def test_bench_missing_module_fails_only_its_own_subcommand(monkeypatch):
+    from osv import bench
+
+    monkeypatch.setattr(bench, "BENCHMARKS", bench.BENCHMARKS + [("ghost", "osv.no_such_bench", "missing")])
+    parser = _bench_parser()
+    assert parser.parse_args(["bench", "sample"]).benchmark == "sample"
+    args = parser.parse_args(["bench", "ghost"])
+    with pytest.raises(RuntimeError, match="osv.no_such_bench"):
+        args.func(args)

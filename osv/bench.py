@@ -1,0 +1,50 @@
+"""`osv bench ...`: micro-benchmarks (sample: sampler speed and NFE; disc: discriminator
+iteration cost; fvd: feature-extractor throughput).
+
+Each benchmark lives in its own module exposing `add_args(parser)` and `run(args)`. A module
+that is missing or fails to import only breaks its own subcommand (it fails when run, with
+the import error), never `osv --help` or the other benchmarks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# (subcommand, module, help): add a benchmark by appending a row.
+BENCHMARKS = [
+    ("sample", "osv.bench_sample", "seconds per video and NFE: teacher vs student samplers"),
+    ("disc", "osv.bench_disc", "discriminator iteration cost: latent upsampler vs VAE decoder"),
+    ("fvd", "osv.bench_fvd", "FVD/FID feature-extractor throughput"),
+]
+
+
+def _runner(module_name: str):
+    def func(args) -> int:
+        rc = importlib.import_module(module_name).run(args)
+        return rc if isinstance(rc, int) else 0
+
+    return func
+
+
+def _unavailable(module_name: str, error: Exception):
+    def func(args) -> int:
+        raise RuntimeError(f"osv bench {args.benchmark}: module {module_name} is not usable: {error!r}") from error
+
+    return func
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="micro-benchmarks", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="benchmark", required=True)
+    for name, module_name, help_text in BENCHMARKS:
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as exc:  # noqa: BLE001 -- deferred: only this subcommand fails, when run
+            bench = sub.add_parser(name, help=f"{help_text} (unavailable: {exc})")
+            bench.add_argument("rest", nargs=argparse.REMAINDER)
+            bench.set_defaults(func=_unavailable(module_name, exc))
+            continue
+        bench = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).splitlines()[0])
+        module.add_args(bench)
+        bench.set_defaults(func=_runner(module_name))
