@@ -1,5 +1,6 @@
-"""`osv bench ...`: micro-benchmarks (sample: sampler speed and NFE; disc: discriminator
-iteration cost; fvd: feature-extractor throughput).
+"""`osv bench ...`: micro-benchmarks of sampling, the discriminator and the FVD features.
+
+sample: sampler speed and NFE; disc: discriminator iteration cost; fvd: feature-extractor throughput.
 
 Each benchmark lives in its own module exposing `add_args(parser)` and `run(args)`. A module
 that is missing or fails to import only breaks its own subcommand (it fails when run, with

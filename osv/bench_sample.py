@@ -47,8 +47,10 @@ def bench_config(args, params: dict) -> dict:
     svd = args.shape == "svd"
     width = args.width or (1024 if svd else params["data"]["resolution"]["width"])
     height = args.height or (576 if svd else params["data"]["resolution"]["height"])
-    if width % 16 or height % 16:
-        raise ValueError(f"--width {width} / --height {height}: both must be multiples of 16")
+    multiple = 64 if svd else 16  # pixels / 8 must halve once per UNet down block but the last
+    if width % multiple or height % multiple:
+        raise ValueError(f"--width {width} / --height {height}: both must be multiples of {multiple} "
+                         f"for the {args.shape} UNet")
     steps = [int(s) for s in args.student_steps.split(",") if s.strip()]
     if not steps or min(steps) < 1 or args.teacher_steps < 1 or args.repeats < 1 or args.warmup < 0:
         raise ValueError("--student-steps, --teacher-steps and --repeats must be >= 1, --warmup >= 0")

@@ -140,3 +140,20 @@ def test_euler_is_first_order_against_exact_pf_ode():
     guided = euler_solve(den, x0, torch.linspace(sigma0, sigma1, 9, dtype=DT), cond, cfg=1.0)
     torch.testing.assert_close(guided, euler_solve(den, x0, torch.linspace(sigma0, sigma1, 9, dtype=DT), cond))
     assert den.nfe == 2 * 8 + 8
+
+
+def test_conditioning_time_ids_uncond_and_from_batch():
+    from osv.conditioning import SVDConditioning, from_batch, make_added_time_ids
+
+    ids = make_added_time_ids(7, 127, 0.02, 2)
+    assert ids.shape == (2, 3) and ids[0].tolist() == pytest.approx([6.0, 127.0, 0.02])  # fps - 1, as the pipeline
+    params = {"data": {"fps": 7}, "conditioning": {"motion_bucket_id": 127, "noise_aug_strength": 0.02}}
+    # one LatentDataset item (not collated): image_embeds [1, D], cond_latents [4, h, w]
+    item = {"image_embeds": torch.randn(1, 64), "cond_latents": torch.randn(4, 8, 16), "latents": torch.randn(8, 4, 8, 16)}
+    one = from_batch(item, params)
+    assert one.image_embeds.shape == (1, 1, 64) and one.cond_latents.shape == (1, 4, 8, 16)
+    both = SVDConditioning.cat([one, one.uncond()])
+    assert both.batch_size == 2 and torch.all(both.image_embeds[1] == 0) and torch.all(both.cond_latents[1] == 0)
+    assert torch.equal(both.added_time_ids[0], both.added_time_ids[1])
+    with pytest.raises(KeyError, match="cond_latents"):
+        from_batch({"image_embeds": torch.randn(1, 1, 64)}, params)
