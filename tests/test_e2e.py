@@ -1,0 +1,129 @@
+"""End to end, as a user would: the whole embedded DAG (with smaller step counts) through
+`snakemake --profile slurm` on the real one-node SLURM, and through `dvc repro` with
+versioning across commits, a remote and a fresh clone."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GPU_STAGES = ("encode", "teacher", "train", "generate", "fvd")
+
+
+def smoke_params() -> dict:
+    """params.yaml with the same stages, runs and methods but tiny sizes and step counts."""
+    p = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    p["data"].update(frames=4, resolution={"width": 64, "height": 32}, low_resolution={"width": 32, "height": 16})
+    p["data"]["embedded"].update(max_train_clips=6, max_test_clips=4, stills=False)
+    p["vae"]["steps"] = 5
+    p["teacher"]["steps"] = 6
+    p["lgp"]["steps"] = 3
+    p["acd"]["steps"] = 4
+    p["acd"]["resolution_schedule"] = [{"from_step": 0, "resolution": "low"}, {"from_step": 2, "resolution": "high"}]
+    p["train"]["checkpoint_every"] = 2
+    p["eval"].update(num_clips=4, batch_size=4)
+    p["encode"].update(batch_size=4, shard_size=4)
+    for res in p["resources"].values():
+        res.update(mem_gb=2, cpus_per_task=1)
+    return p
+
+
+def scratch_repo(path: Path, params: dict) -> Path:
+    """A git repository holding the project's tracked files (as a clone would) and these params."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, path / name)
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "scratch"]):
+        sh(cmd, path)
+    return path
+
+
+def sh(cmd, cwd: Path, env: dict | None = None, timeout: int = 1500) -> str:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t", "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", **(env or {})}
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({out.returncode}):\n{out.stdout[-6000:]}\n"
+                             f"{out.stderr[-6000:]}")
+    return out.stdout + out.stderr
+
+
+def expected_outputs(params: dict) -> list[str]:
+    runs, methods = params["train"]["runs"], params["eval"]["methods"]
+    return (["data/clips/manifest.csv", "models/base/model_index.json", "models/vae", "data/latents",
+             "models/teacher/unet", "reports/results.md", "reports/fvd_vs_nfe.png", "plots/fvd_vs_nfe.csv"]
+            + [f"models/{r}/unet" for r in runs] + [f"metrics/train/{r}.json" for r in runs]
+            + [f"samples/{m}/preview.gif" for m in methods] + [f"metrics/eval/{m}.json" for m in methods])
+
+
+@pytest.mark.slow
+def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
+    params = smoke_params()
+    repo = scratch_repo(tmp_path / "repo", params)
+    sh(["snakemake", "--profile", "slurm"], repo)
+    missing = [p for p in expected_outputs(params) if not (repo / p).exists()]
+    assert not missing, missing
+
+    # Every GPU stage ran as its own SLURM job with one GPU.
+    jobs = sh(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,AllocTRES,State,WorkDir"], repo).splitlines()
+    ours = [j.split("|") for j in jobs if j.split("|")[-1].startswith(str(repo))]
+    counts = {s: sum(j[1] == f"osv-{s}" for j in ours) for s in GPU_STAGES}
+    n_runs, n_methods = len(params["train"]["runs"]), len(params["eval"]["methods"])
+    assert counts == {"encode": 1, "teacher": 1, "train": n_runs, "generate": n_methods, "fvd": n_methods}, counts
+    assert all("gres/gpu=1" in j[2] and j[3] == "COMPLETED" for j in ours), ours
+    logs = "".join(p.read_text() for p in (repo / "logs").rglob("*.log"))
+    assert "slurm_job=" in logs and "CUDA_VISIBLE_DEVICES=<unset>" not in logs
+    assert "CUDA_VISIBLE_DEVICES=0" in logs or "CUDA_VISIBLE_DEVICES=1" in logs
+
+    # A second run has nothing to do.
+    again = sh(["snakemake", "--profile", "slurm", "-n"], repo)
+    assert "Nothing to be done" in again, again[-2000:]
+
+
+@pytest.mark.slow
+def test_dvc_versioning_across_commits_and_clones(tmp_path):
+    params = smoke_params()
+    repo = scratch_repo(tmp_path / "repo", params)
+    remote = tmp_path / "remote"
+    sh(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], repo)
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "run A: m = 5"], repo)
+    sh(["dvc", "push"], repo)
+
+    params["acd"]["m"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "run B: m = 1"], repo)
+    sh(["dvc", "push"], repo)
+
+    pdiff = json.loads(sh(["dvc", "params", "diff", "HEAD~1", "--json"], repo))
+    assert pdiff["params.yaml"]["acd.m"] == {"old": 5, "new": 1}
+    mdiff = json.loads(sh(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo))
+    changed = {f for f, m in mdiff.items() for k, v in m.items() if v.get("diff")}
+    assert "metrics/eval/osv_tts.json" in changed, mdiff
+
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
+    sh(["dvc", "pull"], clone)
+    for p in expected_outputs(params):
+        assert (clone / p).exists(), p
+    assert (clone / "runs" / "stage2").is_dir()
+    status = sh(["dvc", "status"], clone)
+    assert "Data and pipelines are up to date" in status, status
