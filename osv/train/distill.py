@@ -11,7 +11,8 @@ Each iteration: one discriminator step, one student step, one EMA update.
        y = f_θ⁻(x̂_n, σ_n) (no grad), ŷ = f_θ(x_{n+m}, σ_{n+m});
        D: hinge(D(y), D(ŷ.detach()));  G: λ_adv·g_loss(D(ŷ)) + λ(σ_n)·d(y, ŷ).
 λ(σ_n) uses the gap σ_{n+m} − σ_n that the student's jump spans (the AnimateLCM gap for m = 1).
-λ_adv = 0 builds no discriminator at all (ablation d).
+λ_adv = 0 builds no discriminator at all (ablation d). Stage 1 keeps an EMA too (decay
+acd.ema_decay), so that stage 2 starts from stage 1's student, EMA and discriminator.
 
 Randomness of iteration `step` comes from generators seeded by (seed, step, global sample
 index) (osv.train.loop), so resume is exact and the global batch splits over ranks freely.
@@ -320,7 +321,8 @@ def resume(run_dir, nets: Nets, state: State, prec, columns) -> object:
     state.opt_g.load_state_dict(ckpt["opt_g"])
     if state.opt_d is not None:
         state.opt_d.load_state_dict(ckpt["opt_d"])
-    prec.scaler.load_state_dict(ckpt["scaler"]) if ckpt["scaler"] else None
+    if ckpt["scaler"]:  # empty when the GradScaler is disabled (fp32, bf16)
+        prec.scaler.load_state_dict(ckpt["scaler"])
     prec.overflow_count = ckpt["overflow_count"]
     set_rng_state(ckpt["rng"])
     state.step, state.last_checkpoint = ckpt["step"], path
