@@ -42,54 +42,37 @@ def run_params(params: dict, run: str) -> dict:
 
 
 def write_latents(root: Path, params: dict, n_train: int = 6, n_test: int = 4, seed: int = 0) -> None:
-    """data/latents/{split}/{W}x{H}/shard-00000.safetensors + index.json + stats.json (design.md)."""
+    """data/latents in osv.encode's format (groups split/WxH, shards, root index.json and stats.json),
+    filled with random latents: the training tests need shapes and a readable folder, not real clips."""
     g = torch.Generator().manual_seed(seed)
     frames = params["data"]["frames"]
+    groups, stats = {}, {}
     for split, n, keys in (("train", n_train, ("resolution", "low_resolution")), ("test", n_test, ("resolution",))):
         for key in keys:
             w, h = params["data"][key]["width"], params["data"][key]["height"]
-            folder = root / split / f"{w}x{h}"
-            folder.mkdir(parents=True, exist_ok=True)
+            name = f"{split}/{w}x{h}"
+            (root / name).mkdir(parents=True, exist_ok=True)
             still = torch.randn(n, 1, 4, h // 8, w // 8, generator=g)
             latents = still + 0.3 * torch.randn(n, frames, 4, h // 8, w // 8, generator=g)
             cond = latents[:, 0] / 0.18215 + 0.02 * torch.randn(n, 4, h // 8, w // 8, generator=g)
             tensors = {"latents": latents.contiguous(), "cond_latents": cond.contiguous(),
                        "image_embeds": torch.randn(n, 1, 64, generator=g),
                        "first_frame": torch.randint(0, 255, (n, 3, h, w), generator=g, dtype=torch.uint8)}
-            save_file(tensors, str(folder / "shard-00000.safetensors"))
+            save_file(tensors, str(root / name / "shard-00000.safetensors"))
             ids = [f"{split}-{i:04d}" for i in range(n)]
-            index = {"shards": [{"file": "shard-00000.safetensors", "count": n, "clip_ids": ids}],
-                     "clip_ids": ids, "count": n}
-            (folder / "index.json").write_text(json.dumps(index))
-            (folder / "stats.json").write_text(json.dumps({"mean": float(latents.mean()), "std": float(latents.std())}))
+            groups[name] = {"folder": name, "count": n,
+                            "shards": [{"file": "shard-00000.safetensors", "count": n, "clip_ids": ids}]}
+            stats[name] = {"mean": float(latents.mean()), "std": float(latents.std()), "count": n}
+    index = {"frames": frames, "fps": params["data"]["fps"], "scaling_factor": 0.18215, "latent_channels": 4,
+             "noise_aug_strength": params["conditioning"]["noise_aug_strength"], "image_embed_dim": 64,
+             "groups": groups}
+    (root / "index.json").write_text(json.dumps(index))
+    (root / "stats.json").write_text(json.dumps(stats))
 
 
 def ensure_latent_dataset() -> None:
-    """Use osv.latents; until it exists in the tree, read the design.md shards directly."""
-    import sys
-    import types
-
-    try:
-        import osv.latents  # noqa: F401
-        return
-    except ImportError:
-        pass
-
-    class LatentDataset:
-        def __init__(self, root, split, width, height):
-            shards = sorted((Path(root) / split / f"{width}x{height}").glob("shard-*.safetensors"))
-            parts = [load_file(str(s)) for s in shards]
-            self.tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
-
-        def __len__(self):
-            return self.tensors["latents"].shape[0] if self.tensors else 0
-
-        def __getitem__(self, i):
-            return {**{k: v[i] for k, v in self.tensors.items()}, "clip_id": f"clip-{i:04d}"}
-
-    module = types.ModuleType("osv.latents")
-    module.LatentDataset = LatentDataset
-    sys.modules["osv.latents"] = module
+    """Import osv.latents early (spawned workers call this before training)."""
+    import osv.latents  # noqa: F401
 
 
 def make_workspace(root: Path, params: dict, train_teacher: bool = False) -> dict[str, Path]:
