@@ -263,8 +263,9 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
         prec.backward(loss_d)
         average_gradients(d_params, env)
         log["grad_norm_d"], _ = prec.step(state.opt_d, d_params, clip)
-        log.update(loss_d_real=float(F.relu(1 - logits_real).mean()), loss_d_fake=float(F.relu(1 + logits_fake).mean()),
-                   logits_real_mean=float(logits_real.mean()), logits_fake_mean=float(logits_fake.mean()))
+        real_l, fake_l = logits_real.detach(), logits_fake.detach()
+        log.update(loss_d_real=float(F.relu(1 - real_l).mean()), loss_d_fake=float(F.relu(1 + fake_l).mean()),
+                   logits_real_mean=float(real_l.mean()), logits_fake_mean=float(fake_l.mean()))
         set_requires_grad(d_params, False)  # the G step backpropagates through D, not into it
     loss_distance = distance.mean()
     loss_g = loss_distance * nan_injection(state.step)
@@ -272,7 +273,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
         with prec.autocast():
             adv = g_loss(nets.disc(fake), cfg["generator_loss"])
         loss_g = loss_g + cfg["lambda_adv"] * adv
-        log["loss_g_adv"] = float(adv)
+        log["loss_g_adv"] = float(adv.detach())
     guard({"loss_g": loss_g})
     state.opt_g.zero_grad(set_to_none=True)
     prec.backward(loss_g)
@@ -280,7 +281,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
     average_gradients(g_params, env)
     log["grad_norm_g"], _ = prec.step(state.opt_g, g_params, clip)
     ema_update(nets, params["acd"]["ema_decay"])
-    log["loss_distance"] = float(loss_distance)
+    log["loss_distance"] = float(loss_distance.detach())
     return log
 
 
