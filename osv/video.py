@@ -76,7 +76,44 @@ def decode(path: str | Path, until: float | None = None, convert=None) -> tuple[
     return np.array(times), frames, fps
 
 
+# BT.601 limited range, swscale's default when a file does not say otherwise.
+_RGB2YUV = np.array([[0.256788, 0.504129, 0.097906], [-0.148223, -0.290993, 0.439216],
+                     [0.439216, -0.367788, -0.071427]])
+_YUV_OFFSET = np.array([16.0, 128.0, 128.0])
+_YUV2RGB = np.linalg.inv(_RGB2YUV)
+
+
+def rgb_to_yuv420p(rgb: np.ndarray) -> np.ndarray:
+    """uint8 [H, W, 3] -> yuv420p planes stacked as [H * 3 / 2, W] (chroma: mean of 2x2 blocks).
+
+    Done in numpy rather than swscale, whose output was seen to vary between calls
+    in one process (SIMD paths depend on buffer alignment): same frames, same bytes.
+    """
+    h, w, _ = rgb.shape
+    yuv = rgb.astype(np.float64) @ _RGB2YUV.T + _YUV_OFFSET
+    chroma = yuv[..., 1:].reshape(h // 2, 2, w // 2, 2, 2).mean(axis=(1, 3))
+    planes = [yuv[..., 0], chroma[..., 0].reshape(h // 4, w), chroma[..., 1].reshape(h // 4, w)]
+    return np.clip(np.rint(np.concatenate(planes)), 0, 255).astype(np.uint8)
+
+
+def yuv420p_to_rgb(planes: np.ndarray) -> np.ndarray:
+    """Inverse of rgb_to_yuv420p (chroma shared by each 2x2 block); float32, elementwise."""
+    h, w = planes.shape[0] * 2 // 3, planes.shape[1]
+    m = _YUV2RGB.astype(np.float32)
+    y = planes[:h].astype(np.float32) - 16.0
+    u = planes[h:h + h // 4].reshape(h // 2, w // 2).astype(np.float32) - 128.0
+    v = planes[h + h // 4:].reshape(h // 2, w // 2).astype(np.float32) - 128.0
+    out = np.empty((h, w, 3), np.uint8)
+    for c in range(3):
+        chroma = (m[c, 1] * u + m[c, 2] * v).repeat(2, 0).repeat(2, 1)
+        out[..., c] = np.clip(np.rint(m[c, 0] * y + chroma), 0, 255)
+    return out
+
+
 def to_rgb(frame) -> np.ndarray:
+    """uint8 [H, W, 3]; yuv420p frames of even size are converted in numpy (exactly repeatable)."""
+    if frame.format.name == "yuv420p" and frame.width % 2 == 0 and frame.height % 2 == 0:
+        return yuv420p_to_rgb(frame.to_ndarray())
     return frame.to_ndarray(format="rgb24")
 
 
@@ -141,11 +178,12 @@ def load_clip(path: str | Path, frames: int, fps: float, width: int, height: int
     return np.stack(out)
 
 
-def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 10) -> None:
+def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 0) -> None:
     """Write uint8 [T, H, W, 3] as H.264 (yuv420p) mp4, atomically.
 
-    One encoder thread and no timestamps in the metadata, so the same frames give
-    the same bytes.
+    crf 0 is lossless in 8-bit x264: decoding returns exactly the yuv420p planes
+    we computed, so the same frames always decode the same (x264's bytes were seen
+    to vary within one process, its frames do not).
     """
     import av
 
@@ -163,7 +201,7 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 10) -
             stream.codec_context.thread_count = 1
             stream.options = {"crf": str(crf), "preset": "medium", "threads": "1"}
             for frame in frames:
-                for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                for packet in stream.encode(av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")):
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)

@@ -1,0 +1,171 @@
+"""`osv vae`: the video VAE (AutoencoderKLTemporalDecoder) that every later stage uses.
+
+Embedded scale (vae.steps > 0): the small randomly initialised VAE of models/base
+is trained on frames of the training clips (reconstruction + small KL, as the
+LDM autoencoders), then its scaling_factor is set to 1 / std of the training
+latents (how SD's 0.18215 was chosen) so scaled latents have unit variance, as
+the EDM preconditioning of the teacher assumes. Paper scale (vae.steps == 0):
+SVD's VAE is copied unchanged. Both report reconstruction PSNR on the test clips.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from osv.atomic import atomic_path, write_json
+
+
+def load_split_frames(clips: str | Path, split: str, params: dict) -> torch.Tensor:
+    """Every clip of a split at data.resolution: uint8 [n, T, 3, H, W]."""
+    from osv.data import read_manifest
+    from osv.video import load_clip
+
+    d = params["data"]
+    w, h = d["resolution"]["width"], d["resolution"]["height"]
+    rows = read_manifest(Path(clips) / "manifest.csv", split)
+    if not rows:
+        raise ValueError(f"{clips}/manifest.csv: no '{split}' clips")
+    frames = [load_clip(Path(clips) / r["video"], d["frames"], d["fps"], w, h) for r in rows]
+    return torch.from_numpy(np.stack(frames)).permute(0, 1, 4, 2, 3).contiguous()
+
+
+def to_signed(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 -> float in [-1, 1] (SVD's pixel range)."""
+    return frames.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def reconstruct(vae, clip: torch.Tensor) -> torch.Tensor:
+    """Encode (latent mode) and decode one clip [T, 3, H, W] in [-1, 1]; the decoder mixes all T frames."""
+    z = vae.encode(clip).latent_dist.mode()
+    return vae.decode(z, num_frames=clip.shape[0]).sample
+
+
+@torch.no_grad()
+def psnr_db(vae, clips: torch.Tensor, device: str = "cpu") -> float:
+    """Mean over clips of the clip PSNR (dB, pixel range [0, 1]) of encode->decode."""
+    vae.eval()
+    values = []
+    for clip in tqdm(clips, desc="vae psnr", unit="clip", leave=False):
+        x = to_signed(clip).to(device)
+        y = reconstruct(vae, x).clamp(-1, 1)
+        mse = ((y - x) / 2).pow(2).mean().item()
+        values.append(10 * math.log10(1.0 / max(mse, 1e-12)))
+    return float(np.mean(values))
+
+
+def sample_batch(frames: torch.Tensor, batch_size: int, chunk: int, crop: int, gen: torch.Generator):
+    """batch_size // chunk chunks of `chunk` consecutive frames of random clips, in [-1, 1].
+
+    A chunk shares one crop window and flip. Returns (x [batch, 3, h, w], num_frames):
+    the temporal decoder mixes the frames of each chunk.
+    """
+    n, T, _, H, W = frames.shape
+    chunk = min(T, batch_size, chunk)
+    ch, cw = (min(crop, H), min(crop, W)) if crop else (H, W)
+    out = []
+    for _ in range(max(1, batch_size // chunk)):
+        i, t0 = (int(v) for v in (torch.randint(n, (1,), generator=gen), torch.randint(T - chunk + 1, (1,), generator=gen)))
+        y0 = int(torch.randint(H - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(W - cw + 1, (1,), generator=gen))
+        x = frames[i, t0:t0 + chunk, :, y0:y0 + ch, x0:x0 + cw]
+        if torch.rand((), generator=gen) < 0.5:
+            x = x.flip(-1)
+        out.append(x)
+    return to_signed(torch.cat(out)), chunk
+
+
+def vae_loss(vae, x: torch.Tensor, num_frames: int, kl_weight: float):
+    """LDM autoencoder objective: per-sample summed L1 + L2 reconstruction + kl_weight * KL."""
+    posterior = vae.encode(x).latent_dist
+    y = vae.decode(posterior.sample(), num_frames=num_frames).sample
+    rec = (y - x).abs() + (y - x).pow(2)
+    loss = (rec.sum() + kl_weight * posterior.kl().sum()) / x.shape[0]
+    return loss, ((y.detach() - x) / 2).pow(2).mean()
+
+
+def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
+    """Adam with cosine decay over vae.steps; returns the per-step training MSE."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # posterior sampling
+    vae.train().to(device)
+    opt = torch.optim.AdamW(vae.parameters(), lr=v["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / v["steps"])))
+    history = []
+    bar = tqdm(range(v["steps"]), desc="vae train", unit="step")
+    for _ in bar:
+        x, num_frames = sample_batch(frames, v["batch_size"], v["chunk_frames"], v["crop"], gen)
+        loss, mse = vae_loss(vae, x.to(device), num_frames, v["kl_weight"])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history.append(mse.item())
+        bar.set_postfix(psnr=f"{10 * math.log10(1 / max(np.mean(history[-20:]), 1e-12)):.1f}")
+    return history
+
+
+@torch.no_grad()
+def latent_std(vae, frames: torch.Tensor, device: str = "cpu") -> float:
+    """Std of the (unscaled) latent mode over all training frames."""
+    vae.eval()
+    zs = [vae.encode(to_signed(clip).to(device)).latent_dist.mode() for clip in frames]
+    return float(torch.cat(zs).std())
+
+
+def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path, metrics: str | Path) -> dict:
+    """Train (embedded) or copy (paper) the VAE into `out`; write the metrics JSON."""
+    from osv.models import count_parameters, load_vae
+
+    v = params["vae"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    vae = load_vae(base).to(device)
+    test = load_split_frames(clips, "test", params)
+    psnr_init = psnr_db(vae, test, device)
+    result = {"psnr_init_db": psnr_init, "steps": v["steps"], "test_clips": len(test),
+              "parameters": count_parameters(vae)}
+    t0 = time.time()
+    if v["steps"] == 0:
+        with atomic_path(out) as tmp:
+            shutil.copytree(Path(base) / "vae", tmp)
+        result.update(psnr_test_db=psnr_init, weights=f"copied unchanged from {base}/vae")
+    else:
+        train = load_split_frames(clips, "train", params)
+        history = train_vae(vae, train, v, params["seed"], device)
+        vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train, device))
+        result.update(psnr_test_db=psnr_db(vae, test, device), train_mse_last=float(np.mean(history[-50:])),
+                      train_clips=len(train), scaling_factor=vae.config.scaling_factor,
+                      weights="small VAE built from osv/configs/small_vae.json, trained here")
+        with atomic_path(out) as tmp:
+            vae.to("cpu").save_pretrained(tmp)
+    result["seconds"] = time.time() - t0
+    write_json(metrics, result)
+    return result
+
+
+def _command(args) -> int:
+    from osv.params import load_params
+
+    params = load_params(args.params)
+    torch.manual_seed(params["seed"])
+    r = make_vae(params, args.base, args.clips, args.out, args.metrics)
+    print(f"osv vae: test PSNR {r['psnr_test_db']:.2f} dB (initial {r['psnr_init_db']:.2f} dB) -> {args.out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("vae", help="train (embedded) or copy (paper) the video VAE; test PSNR")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--base", default="models/base")
+    p.add_argument("--clips", default="data/clips")
+    p.add_argument("--out", default="models/vae")
+    p.add_argument("--metrics", default="metrics/vae.json")
+    p.set_defaults(func=_command)

@@ -1,0 +1,99 @@
+"""The encode stage: format, SVD-pipeline equivalence, determinism, resumability."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from osv import encode as enc
+from osv.data import prepare as prepare_mod
+from osv.latents import LatentDataset, read_index
+from osv.models import build_small_pipeline
+from osv.params import deep_merge, load_params, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("enc")
+    params = validate(deep_merge(load_params(ROOT / "params.yaml"), {
+        "data": {"frames": 4, "resolution": {"width": 64, "height": 32}, "low_resolution": {"width": 32, "height": 16},
+                 "embedded": {"max_train_clips": 5, "max_test_clips": 3, "stills": False}},
+        "encode": {"batch_size": 2, "shard_size": 2}}))
+    prepare_mod.prepare(params, str(tmp / "clips"))
+    pipe = build_small_pipeline(0, num_frames=4)
+    pipe.save_pretrained(str(tmp / "base"))
+    enc.encode_all(params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"), str(tmp / "a"))
+    return params, tmp, pipe
+
+
+def test_layout_shapes_and_dtypes(setup):
+    params, tmp, pipe = setup
+    index = read_index(tmp / "a")
+    assert set(index["groups"]) == {"train/64x32", "train/32x16", "test/64x32"}
+    assert (tmp / "a" / "stats.json").exists()
+    for split, w, h in (("train", 64, 32), ("train", 32, 16), ("test", 64, 32)):
+        ds = LatentDataset(tmp / "a", split, w, h)
+        item = ds[len(ds) - 1]
+        assert item["latents"].shape == (4, 4, h // 8, w // 8) and item["latents"].dtype == torch.float32
+        assert item["cond_latents"].shape == (4, h // 8, w // 8)
+        assert item["image_embeds"].shape == (1, pipe.image_encoder.config.projection_dim)
+        assert item["first_frame"].shape == (3, h, w) and item["first_frame"].dtype == torch.uint8
+        assert item["clip_id"].startswith(split + "/")
+
+
+def test_matches_the_svd_pipeline(setup):
+    from PIL import Image
+
+    params, tmp, pipe = setup
+    item = LatentDataset(tmp / "a", "test", 64, 32)[0]
+    image = Image.fromarray(item["first_frame"].permute(1, 2, 0).numpy())
+    with torch.no_grad():
+        want = pipe._encode_image(image, "cpu", 1, False)
+        x = item["first_frame"][None].float() / 127.5 - 1
+        eps = torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(
+            enc.clip_seed(params["seed"], item["clip_id"])))
+        cond = pipe._encode_vae_image(x + params["conditioning"]["noise_aug_strength"] * eps, "cpu", 1, False)
+    torch.testing.assert_close(item["image_embeds"], want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(item["cond_latents"], cond[0], rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_and_resumable(setup, monkeypatch):
+    params, tmp, _ = setup
+    args = (params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"))
+    enc.encode_all(*args, str(tmp / "b"))
+    shards = sorted(p.relative_to(tmp / "a") for p in (tmp / "a").rglob("shard-*.safetensors"))
+    assert len(shards) >= 6
+    for rel in shards:
+        assert (tmp / "a" / rel).read_bytes() == (tmp / "b" / rel).read_bytes(), rel
+    # Delete one shard and the index: a rerun encodes only that shard.
+    out = tmp / "b"
+    mtimes = {rel: (out / rel).stat().st_mtime_ns for rel in shards}
+    (out / shards[1]).unlink()
+    (out / "index.json").unlink()
+    result = enc.encode_all(*args, str(out))
+    assert result["encoded"] == 1 and result["skipped"] == len(shards) - 1
+    assert all((out / r).stat().st_mtime_ns == mtimes[r] for r in shards if r != shards[1])
+    assert (out / shards[1]).read_bytes() == (tmp / "a" / shards[1]).read_bytes()
+    # An interrupted run leaves no partial shard and no index.
+    calls = {"n": 0}
+    real = enc.encode_batch
+
+    def dies_on_second_batch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(enc, "encode_batch", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encode_all(*args, str(tmp / "c"))
+    assert not (tmp / "c" / "index.json").exists()
+    assert len(list((tmp / "c").rglob("shard-*.safetensors"))) == 1  # shard 0 only (one batch each)
+    monkeypatch.setattr(enc, "encode_batch", real)
+    result = enc.encode_all(*args, str(tmp / "c"))
+    assert result["skipped"] == 1 and result["encoded"] == len(shards) - 1
+    assert read_index(tmp / "c") == read_index(tmp / "a")
