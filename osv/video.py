@@ -205,3 +205,8 @@ def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 0) ->
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
+
+
+def tensor_to_uint8(frames) -> np.ndarray:
+    """Decoded frames, a torch tensor [T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3] for write_mp4."""
+    return ((frames.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()

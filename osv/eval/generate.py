@@ -13,7 +13,6 @@ import hashlib
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -50,14 +49,9 @@ def sample(method: dict, denoiser: Denoiser, cond, shape, generator, params: dic
                       num_sigmas=sde["num_sigmas"], **grid)
 
 
-def to_uint8(frames: torch.Tensor) -> np.ndarray:
-    """[T, 3, H, W] in [-1, 1] -> uint8 [T, H, W, 3]."""
-    return ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def generate(params: dict, method_name: str, teacher: str, model: str, latents: str, out: str) -> dict:
     from osv.latents import LatentDataset
-    from osv.video import write_mp4
+    from osv.video import tensor_to_uint8, write_mp4
 
     method = params["eval"]["methods"][method_name]
     ev, data = params["eval"], params["data"]
@@ -92,7 +86,7 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
             seconds += time.perf_counter() - t0
             nfe.add(result.nfe)
             for k, clip in enumerate(frames):
-                write_mp4(tmp / f"clip-{start + k:04d}.mp4", to_uint8(clip), data["fps"])
+                write_mp4(tmp / f"clip-{start + k:04d}.mp4", tensor_to_uint8(clip), data["fps"])
         meta.update(nfe=nfe.pop() if len(nfe) == 1 else sorted(nfe), sec_per_video=seconds / max(count, 1),
                     clip_ids=clip_ids)
         write_json(tmp / "meta.json", meta)
