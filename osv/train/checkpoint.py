@@ -9,6 +9,7 @@ are written atomically (temp dir, then rename), so every `step-*` folder is comp
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -25,6 +26,28 @@ STATE_FILE = "state.pt"
 
 def checkpoints_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
+
+
+FINGERPRINT = "params.sha256"
+
+
+def set_aside_stale(run_dir: str | Path, fingerprint: str) -> Path | None:
+    """Move checkpoints written under other params to run_dir/stale/<their hash>/ and return that folder.
+
+    The checkpoint folder persists across `dvc repro` (persist: true), so a run whose params
+    changed must not resume from the old run's steps; nothing is deleted.
+    """
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None
+    old = (latest / FINGERPRINT).read_text().strip() if (latest / FINGERPRINT).exists() else "unknown"
+    if old == fingerprint:
+        return None
+    dest = Path(run_dir) / "stale" / old[:16]
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(checkpoints_root(run_dir), dest)
+    return dest
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -298,15 +298,19 @@ def save(run_dir, nets: Nets, state: State, prec, curve, params: dict) -> Path:
                   "scaler": prec.scaler.state_dict(), "overflow_count": prec.overflow_count,
                   "rng": rng_state(), "data_order": state.data_order}
     return save_checkpoint(run_dir, state.step, weights, ckpt_state, params["train"]["keep_last"],
-                           {"curves.csv": curve.to_csv()})
+                           {"curves.csv": curve.to_csv(), "params.sha256": params_hash(params)})
 
 
-def resume(run_dir, nets: Nets, state: State, prec, columns) -> object:
-    """Load the newest complete checkpoint (if any) into nets/state; return the curve so far."""
+def resume(run_dir, nets: Nets, state: State, prec, columns, params: dict) -> object:
+    """Load the newest complete checkpoint made under these params (if any) into nets/state;
+    return the curve so far."""
     from osv.student import load_trainable_state_dict
-    from osv.train.checkpoint import latest_checkpoint, load_checkpoint, set_rng_state
+    from osv.train.checkpoint import latest_checkpoint, load_checkpoint, set_aside_stale, set_rng_state
     from osv.train.logging import Curve
 
+    stale = set_aside_stale(run_dir, params_hash(params))
+    if stale is not None:
+        print(f"checkpoints in {run_dir} were made under other params: moved to {stale}, starting fresh", flush=True)
     path = latest_checkpoint(run_dir)
     if path is None:
         return Curve(columns)
@@ -353,7 +357,7 @@ def train_run(params: dict, run: str, teacher: str, init: str, latents: str, ckp
     state = State()
     state.opt_g, state.opt_d = make_optimizers(nets, cfg)
     prec = Precision(params["train"]["precision"], env.device)
-    curve = resume(ckpt, nets, state, prec, TRAIN_COLUMNS)
+    curve = resume(ckpt, nets, state, prec, TRAIN_COLUMNS, params)
     data = Data(params, latents, stage, env, env.device)
     sde = params["sde"]
     sigmas = karras_sigmas(sde["num_sigmas"], sde["sigma_min"], sde["sigma_max"], sde["rho"]).float().to(env.device)
