@@ -208,9 +208,13 @@ def write_pipeline_folder(out, base, vae, unet=None, provenance: dict | None = N
     base, vae = Path(base), Path(vae)
     skip = {"vae"} | ({"unet"} if unet is not None else set())
     with atomic_path(out) as tmp:
+        # Hidden files are workflow state (e.g. .snakemake_timestamp): a hard link would tie
+        # the two folders' timestamps together and make Snakemake rerun everything downstream.
         shutil.copytree(base, tmp, copy_function=_link_or_copy,
-                        ignore=lambda d, names: [n for n in names if Path(d) == base and n in skip])
-        shutil.copytree(vae, tmp / "vae", copy_function=_link_or_copy)
+                        ignore=lambda d, names: [n for n in names if n.startswith(".")
+                                                 or (Path(d) == base and n in skip)])
+        shutil.copytree(vae, tmp / "vae", copy_function=_link_or_copy,
+                        ignore=lambda d, names: [n for n in names if n.startswith(".")])
         if unet is not None:
             unet.save_pretrained(tmp / "unet")
         if provenance is not None:
