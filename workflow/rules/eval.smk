@@ -9,7 +9,7 @@ rule generate:
     output:
         report(
             directory("samples/{method}"),
-            patterns=["preview.gif", "contact.png"],
+            patterns=["{name}.gif", "{name}.png"],
             caption="../report/previews.rst",
             category="Previews",
             subcategory="{method}",
