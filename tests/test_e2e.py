@@ -99,6 +99,11 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
     again = sh(["snakemake", "--profile", "slurm", "-n"], repo)
     assert "Nothing to be done" in again, again[-2000:]
 
+    # One browsable page with the tables, plots and previews.
+    sh(["snakemake", "--report", "report.html"], repo)
+    page = (repo / "report.html").read_text()
+    assert "preview.gif" in page and "contact.png" in page and "results.md" in page
+
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
