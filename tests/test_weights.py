@@ -90,6 +90,8 @@ def hub(served, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("OSV_DOWNLOAD_DIR", raising=False)
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (an earlier test may have imported it offline)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
