@@ -72,13 +72,7 @@ def files() -> dict[str, bytes]:
 
 
 @pytest.fixture
-def hub(files, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("OSV_DOWNLOAD_DIR", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import (an earlier test may have imported it offline)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+def hub(files, hub_env):
     with HubServer() as server:
         server.repo = server.add_repo("dataset", REPO, files)
         yield server

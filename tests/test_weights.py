@@ -86,13 +86,7 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture
-def hub(served, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.delenv("OSV_DOWNLOAD_DIR", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    # huggingface_hub reads HF_HUB_OFFLINE once, at import (an earlier test may have imported it offline)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+def hub(served, hub_env, monkeypatch):
     with HubServer() as server:
         monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
         server.svd = server.add_repo("model", "test/svd-small", served["svd"])
