@@ -1,8 +1,9 @@
 """`osv vae`: the video VAE (AutoencoderKLTemporalDecoder) that every later stage uses.
 
 Embedded scale (vae.steps > 0): the small randomly initialised VAE of models/base
-is trained on frames of the training clips (reconstruction + small KL, as the
-LDM autoencoders), then its scaling_factor is set to 1 / std of the training
+is trained on frames of the training clips (L1 + L2 reconstruction of the latent
+mode + a tiny KL, as the LDM autoencoders; residual blocks start as the identity),
+then its scaling_factor is set to 1 / std of the training
 latents (how SD's 0.18215 was chosen) so scaled latents have unit variance, as
 the EDM preconditioning of the teacher assumes. Paper scale (vae.steps == 0):
 SVD's VAE is copied unchanged. Both report reconstruction PSNR on the test clips.
@@ -20,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
+
+WARMUP_STEPS = 20
 
 
 def load_split_frames(clips: str | Path, split: str, params: dict) -> torch.Tensor:
@@ -82,28 +85,63 @@ def sample_batch(frames: torch.Tensor, batch_size: int, chunk: int, crop: int, g
     return to_signed(torch.cat(out)), chunk
 
 
-def vae_loss(vae, x: torch.Tensor, num_frames: int, kl_weight: float):
-    """LDM autoencoder objective: per-sample summed L1 + L2 reconstruction + kl_weight * KL."""
-    posterior = vae.encode(x).latent_dist
-    y = vae.decode(posterior.sample(), num_frames=num_frames).sample
-    rec = (y - x).abs() + (y - x).pow(2)
-    loss = (rec.sum() + kl_weight * posterior.kl().sum()) / x.shape[0]
-    return loss, ((y.detach() - x) / 2).pow(2).mean()
+def init_for_training(vae) -> None:
+    """Start every residual block (and the output frame mixer) as the identity.
+
+    Zero last convs of the ResNet / temporal ResNet branches and of the attention outputs,
+    and an identity time_conv_out: the randomly initialised GroupNorm stack then starts as
+    a short linear path (convs in/out, shortcuts, resamplers) and learns far faster; a
+    random time_conv_out would first have to unlearn mixing colours across frames.
+    """
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
+
+    with torch.no_grad():
+        for m in vae.modules():
+            last = (m.conv2 if isinstance(m, (ResnetBlock2D, TemporalResnetBlock))
+                    else m.to_out[0] if isinstance(m, Attention) else None)
+            if last is not None:
+                last.weight.zero_()
+                last.bias.zero_()
+        mix = vae.decoder.time_conv_out  # Conv3d, kernel (3, 1, 1) over frames
+        mix.weight.zero_()
+        mix.bias.zero_()
+        for c in range(mix.in_channels):
+            mix.weight[c, c, 1, 0, 0] = 1.0
+
+
+def vae_loss(vae, x: torch.Tensor, num_frames: int, kl_weight: float, bf16: bool):
+    """Mean L1 + L2 reconstruction of the latent mode + kl_weight * KL (both per element).
+
+    The decoder sees the posterior mode, as every later stage does (encode uses .mode()):
+    with a tiny KL weight, sampling only injects unit noise that the encoder must first
+    learn to shrink, which stalls the first hundreds of steps.
+    """
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.mode(), num_frames=num_frames).sample.float()
+    d = y - x
+    loss = (d.abs() + d.pow(2)).mean() + kl_weight * posterior.kl().float().sum() / x.numel()
+    return loss, (d.detach() / 2).pow(2).mean()
 
 
 def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
-    """Adam with cosine decay over vae.steps; returns the per-step training MSE."""
+    """Adam (linear warmup, cosine decay over vae.steps) from an identity start; per-step training MSE."""
+    if v["bf16"] and device == "cpu" and v["crop"] == 0:
+        raise ValueError("params vae.bf16 = true with vae.crop = 0: whole-frame bf16 training corrupts the heap "
+                         "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.bf16 = false")
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # posterior sampling
+    torch.manual_seed(seed)
+    init_for_training(vae)
     vae.train().to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=v["lr"], weight_decay=0.0)
+    opt = torch.optim.Adam(vae.parameters(), lr=v["lr"], betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / v["steps"])))
+        opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * s / v["steps"])))
     history = []
     bar = tqdm(range(v["steps"]), desc="vae train", unit="step")
     for _ in bar:
         x, num_frames = sample_batch(frames, v["batch_size"], v["chunk_frames"], v["crop"], gen)
-        loss, mse = vae_loss(vae, x.to(device), num_frames, v["kl_weight"])
+        loss, mse = vae_loss(vae, x.to(device), num_frames, v["kl_weight"], v["bf16"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -54,10 +54,8 @@ def test_vae_stage_small(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="target not met yet: 16.5 dB test PSNR after 1000 steps "
-                   "(8 frames of 32x32 crops/step, 740 s on one contended core); see the vae stage report")
 def test_vae_reaches_target_psnr_on_embedded_data(tmp_path):
-    """The real params.yaml VAE settings on the real embedded data: >= 24 dB on the test clips."""
+    """The real params.yaml VAE settings on the real embedded data: >= 24 dB on the test clips (issue target)."""
     torch.set_num_threads(2)
     params = load_params(ROOT / "params.yaml")
     prepare_mod.prepare(params, str(tmp_path / "clips"))
@@ -66,5 +64,8 @@ def test_vae_reaches_target_psnr_on_embedded_data(tmp_path):
     result = make_vae(params, base, tmp_path / "clips", tmp_path / "vae", tmp_path / "vae.json")
     print(f"VAE: {result['psnr_test_db']:.2f} dB test PSNR in {time.time() - t0:.0f} s")
     assert result["psnr_test_db"] > result["psnr_init_db"] + 3
-    assert result["psnr_test_db"] >= 24.0
     assert psnr_db(load_vae(tmp_path / "vae"), torch.zeros(1, 4, 3, 64, 128, dtype=torch.uint8)) > 0
+    # Regression floor: measured 20.4 dB with these settings (1500 steps, 484 s on one idle core).
+    assert result["psnr_test_db"] >= 19.5
+    if result["psnr_test_db"] < 24.0:
+        pytest.xfail(f"issue target 24 dB not met: {result['psnr_test_db']:.2f} dB")
