@@ -88,10 +88,22 @@ class StageCall:
     def __call__(self):
         if self.tasks > 1:
             export_distributed_env()
+        _use_allocated_cpus()
         print(f"[osv {self.stage}] {describe()}", flush=True)
         # A stage function that calls run_stage itself must not submit again from the job.
         os.environ[ENV_MODE] = "none"
         return self.fn(**self.kwargs)
+
+
+def _use_allocated_cpus() -> None:
+    """CPU threads = the job's cpus_per_task: sbatch exports the submitting environment,
+    whose OMP_NUM_THREADS (Snakemake sets it to the rule's threads, 1) is not this job's."""
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    if cpus:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = cpus
+        torch.set_num_threads(int(cpus))
 
 
 class CheckpointableStageCall(StageCall, Checkpointable):
