@@ -205,3 +205,14 @@ def test_cli_parses_train_and_teacher():
     args = parser.parse_args(["train", "--run", "stage1", "--init", "models/teacher", "--ckpt", "runs/stage1",
                               "--out", "models/stage1", "--metrics", "m.json", "--plots", "p.csv"])
     assert args.func is distill.cmd_train and args.teacher == "models/teacher"
+
+
+def test_latent_stats_sees_motion():
+    """sample_stats_error's motion term: a frozen clip and a moving one differ only in frame-difference std."""
+    from osv.train.teacher import latent_stats
+
+    gen = torch.Generator().manual_seed(0)
+    still = torch.randn(4, 1, 2, 8, 8, generator=gen).expand(4, 6, 2, 8, 8)
+    moving = still + 0.5 * torch.randn(4, 6, 2, 8, 8, generator=gen)
+    assert float(latent_stats(still)[2].max()) == 0.0
+    assert float(latent_stats(moving)[2].min()) > 0.5
