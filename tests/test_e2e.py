@@ -20,13 +20,15 @@ BIN = Path(sys.executable).parent
 GPU_STAGES = ("encode", "teacher", "train", "generate", "fvd")
 
 
-def smoke_params() -> dict:
-    """params.yaml with every stage of the DAG but tiny sizes and step counts, and only the
-    runs and methods of the full OSV (the ablations are the same stages with other params;
-    README command 1 runs them all)."""
+def smoke_params(every_run: bool = False) -> dict:
+    """params.yaml with every stage of the DAG but tiny sizes and step counts; unless every_run,
+    only the runs and methods of the full OSV (the ablations are the same stages with other
+    params; test_snakemake_local_runs_every_run_and_method runs them all)."""
     p = copy.deepcopy(yaml.safe_load((ROOT / "params.yaml").read_text()))
-    p["train"]["runs"] = {k: v for k, v in p["train"]["runs"].items() if k in ("stage1", "stage2")}
-    p["eval"]["methods"] = {k: v for k, v in p["eval"]["methods"].items() if k in ("teacher_2", "osv_1", "osv_tts")}
+    if not every_run:
+        p["train"]["runs"] = {k: v for k, v in p["train"]["runs"].items() if k in ("stage1", "stage2")}
+        p["eval"]["methods"] = {k: v for k, v in p["eval"]["methods"].items()
+                                if k in ("teacher_2", "osv_1", "osv_tts")}
     p["data"].update(frames=4, resolution={"width": 64, "height": 32}, low_resolution={"width": 32, "height": 16})
     p["data"]["embedded"].update(max_train_clips=6, max_test_clips=4, stills=False)
     p["vae"]["steps"] = 5
@@ -103,6 +105,26 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
     sh(["snakemake", "--report", "report.html"], repo)
     page = (repo / "report.html").read_text()
     assert "preview.gif" in page and "contact.png" in page and "results.md" in page
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_snakemake_local_runs_every_run_and_method(tmp_path):
+    """README command 1's DAG with every training ablation and every Table 1/2 row, tiny sizes."""
+    params = smoke_params(every_run=True)
+    repo = scratch_repo(tmp_path / "repo", params)
+    sh(["snakemake", "--profile", "local"], repo)
+    missing = [p for p in expected_outputs(params) if not (repo / p).exists()]
+    assert not missing, missing
+    results = (repo / "reports" / "results.md").read_text()
+    assert "not produced" not in results
+    for method in params["eval"]["methods"]:
+        assert f"`{method}`" in results, method
+    report = json.loads((repo / "reports" / "metrics.json").read_text())
+    assert set(report["methods"]) == set(params["eval"]["methods"])
+    assert all(m["fvd"] >= 0 and m["nfe"] >= 1 for m in report["methods"].values())
+    vae_front = json.loads((repo / "metrics/train/abl_e_vae_disc.json").read_text())
+    assert vae_front["protocol"]["disc_front_end"] == "vae"
 
 
 @pytest.mark.slow
