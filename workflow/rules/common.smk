@@ -2,6 +2,10 @@
 PARAMS = "params.yaml"
 RUNS = list(config["train"]["runs"])
 METHODS = list(config["eval"]["methods"])
+# Threads of a stage that nothing runs beside (vae, encode, teacher): Snakemake lowers a rule's
+# threads to --cores and sets OMP_NUM_THREADS to the result. (workflow.cores would fail in
+# modes without --cores, such as --report.)
+ALL_CORES = 1024
 
 
 wildcard_constraints:

@@ -40,7 +40,7 @@ rule vae:
         vae=config["vae"],
     log:
         "logs/vae.log",
-    threads: workflow.cores  # nothing runs beside it: use every core (Snakemake sets OMP_NUM_THREADS)
+    threads: ALL_CORES
     conda:
         "../envs/osv.yaml"
     shell:
@@ -61,7 +61,7 @@ rule encode:
         conditioning=config["conditioning"],
     log:
         "logs/encode.log",
-    threads: workflow.cores  # nothing runs beside it: use every core (Snakemake sets OMP_NUM_THREADS)
+    threads: ALL_CORES
     conda:
         "../envs/osv.yaml"
     shell:

@@ -15,7 +15,7 @@ rule teacher:
         sde=config["sde"],
     log:
         "logs/teacher.log",
-    threads: workflow.cores  # nothing runs beside it: use every core (Snakemake sets OMP_NUM_THREADS)
+    threads: ALL_CORES
     conda:
         "../envs/osv.yaml"
     shell:
