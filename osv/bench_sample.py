@@ -15,11 +15,9 @@ from __future__ import annotations
 import statistics
 import time
 
+from osv.models import SVD_VAE  # the UNet's is diffusers' default config, num_frames 14
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-# stabilityai/stable-video-diffusion-img2vid vae/config.json (the UNet's is diffusers' default, num_frames 14).
-SVD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
-               block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-               sample_size=768, scaling_factor=0.18215)
 
 
 def add_args(parser) -> None:

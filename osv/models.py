@@ -23,6 +23,11 @@ SVD_SCHEDULER = dict(
     steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
 )
 
+# stabilityai/stable-video-diffusion-img2vid vae/config.json: the benchmarks' --shape svd.
+SVD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+               block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+               sample_size=768, scaling_factor=0.18215)
+
 
 def small_config(name: str) -> dict:
     """A config from osv/configs/small_<name>.json, without its comment."""
