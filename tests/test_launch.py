@@ -157,3 +157,23 @@ def test_profiles_set_the_launcher(tmp_path, profile, want):
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "launcher.txt").read_text().strip() == want
+
+
+def _threads() -> tuple[int, str]:
+    import torch
+
+    return torch.get_num_threads(), os.environ["OMP_NUM_THREADS"]
+
+
+def test_job_uses_its_allocated_cpus(monkeypatch):
+    """Inside a SLURM job the stage runs on cpus_per_task threads, not the submitter's OMP_NUM_THREADS."""
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "3")
+    monkeypatch.setenv(launch.ENV_MODE, "slurm")
+    try:
+        assert launch.StageCall("t", _threads, {})() == (3, "3")
+    finally:
+        torch.set_num_threads(before)
