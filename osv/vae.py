@@ -125,11 +125,18 @@ def vae_loss(vae, x: torch.Tensor, num_frames: int, kl_weight: float, bf16: bool
     return loss, (d.detach() / 2).pow(2).mean()
 
 
+def check_precision(v: dict, device: str) -> None:
+    """Refuse whole-frame bf16 on CPU (vae section of the params) before any work."""
+    from osv.params import ParamsError
+
+    if v["bf16"] and device == "cpu" and v["crop"] == 0:
+        raise ParamsError("params vae.bf16 = true with vae.crop = 0: whole-frame bf16 training corrupts the heap "
+                          "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.bf16 = false")
+
+
 def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
     """Adam (linear warmup, cosine decay over vae.steps) from an identity start; per-step training MSE."""
-    if v["bf16"] and device == "cpu" and v["crop"] == 0:
-        raise ValueError("params vae.bf16 = true with vae.crop = 0: whole-frame bf16 training corrupts the heap "
-                         "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.bf16 = false")
+    check_precision(v, device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     init_for_training(vae)
@@ -165,6 +172,8 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
 
     v = params["vae"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if v["steps"]:
+        check_precision(v, device)
     vae = load_vae(base).to(device)
     test = load_split_frames(clips, "test", params)
     psnr_init = psnr_db(vae, test, device)
