@@ -108,8 +108,10 @@ def on_slurm(slurm_cluster, launch_env, monkeypatch):
     return launch_env
 
 
-def sacct_field(job_id: str, field: str, want: str = "", wait_s: float = 15) -> str:
-    """A job's sacct field (accounting lags the job by a moment)."""
+def sacct_field(job_id: str, field: str, want: str = "", wait_s: float = 30) -> str:
+    """A job's sacct field, waited for until it holds `want`: accounting lags the job, and when
+    slurmdbd hears of a job's first step before the job itself it files the job as "allocation"
+    until the job's own start record arrives (seen under CI load)."""
     end, out = time.monotonic() + wait_s, ""
     while time.monotonic() < end:
         out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field], capture_output=True,
@@ -153,7 +155,7 @@ def test_gpu_job_runs_as_its_own_job(on_slurm, params, capsys):
     assert os.path.samefile(out["cwd"], on_slurm)
     assert f"slurm_job={out['job']}" in out["where"]
     assert "gres/gpu=1" in sacct_field(out["job"], "AllocTRES", "gres/gpu=1")
-    assert sacct_field(out["job"], "JobName") == "osv-encode"
+    assert sacct_field(out["job"], "JobName", "osv-encode") == "osv-encode"
     assert f"submitted slurm job {out['job']}" in capsys.readouterr().out
 
 
