@@ -91,6 +91,9 @@ def _check_rules(p: dict, source: str) -> None:
     sde = p["sde"]
     if sde["sigma_min"] >= sde["sigma_max"]:
         problems.append(f"sde.sigma_min ({sde['sigma_min']}) must be below sde.sigma_max ({sde['sigma_max']})")
+    if p["vae"]["finetune"]["steps"] and not p["vae"]["steps"]:
+        problems.append(f"vae.finetune.steps ({p['vae']['finetune']['steps']}) must be 0 when vae.steps is 0 "
+                        "(nothing is trained: the VAE is copied)")
     sched = p["acd"]["resolution_schedule"]
     if sched[0]["from_step"] != 0:
         problems.append("acd.resolution_schedule[0].from_step must be 0")

@@ -1,9 +1,9 @@
 """`osv vae`: the video VAE (AutoencoderKLTemporalDecoder) that every later stage uses.
 
 Embedded scale (vae.steps > 0): the small randomly initialised VAE of models/base
-is trained on frames of the training clips (L1 + L2 reconstruction of the latent
+is trained on random crops of the training clips (L1 + L2 reconstruction of the latent
 mode + a tiny KL, as the LDM autoencoders; residual blocks start as the identity),
-then its scaling_factor is set to 1 / std of the training
+fine-tuned briefly on whole frames, then its scaling_factor is set to 1 / std of the training
 latents (how SD's 0.18215 was chosen) so scaled latents have unit variance, as
 the EDM preconditioning of the teacher assumes. Paper scale (vae.steps == 0):
 SVD's VAE is copied unchanged. Both report reconstruction PSNR on the test clips.
@@ -134,21 +134,18 @@ def check_precision(v: dict, device: str) -> None:
                           "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.bf16 = false")
 
 
-def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
-    """Adam (linear warmup, cosine decay over vae.steps) from an identity start; per-step training MSE."""
-    check_precision(v, device)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    init_for_training(vae)
+def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_size: int, chunk_frames: int,
+        crop: int, lr: float, kl_weight: float, bf16: bool, warmup: int, device: str, desc: str) -> list[float]:
+    """Adam (linear warmup, cosine decay over `steps`) on vae_loss; per-step training MSE."""
     vae.train().to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=v["lr"], betas=(0.9, 0.99))
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * s / v["steps"])))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     history = []
-    bar = tqdm(range(v["steps"]), desc="vae train", unit="step")
+    bar = tqdm(range(steps), desc=desc, unit="step")
     for _ in bar:
-        x, num_frames = sample_batch(frames, v["batch_size"], v["chunk_frames"], v["crop"], gen)
-        loss, mse = vae_loss(vae, x.to(device), num_frames, v["kl_weight"], v["bf16"])
+        x, num_frames = sample_batch(frames, batch_size, chunk_frames, crop, gen)
+        loss, mse = vae_loss(vae, x.to(device), num_frames, kl_weight, bf16)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,6 +153,29 @@ def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu"
         history.append(mse.item())
         bar.set_postfix(psnr=f"{10 * math.log10(1 / max(np.mean(history[-20:]), 1e-12)):.1f}")
     return history
+
+
+def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
+    """Crop training from an identity start (vae.steps, under bf16 autocast if vae.bf16)."""
+    check_precision(v, device)
+    torch.manual_seed(seed)
+    init_for_training(vae)
+    return fit(vae, frames, torch.Generator().manual_seed(seed), steps=v["steps"], batch_size=v["batch_size"],
+               chunk_frames=v["chunk_frames"], crop=v["crop"], lr=v["lr"], kl_weight=v["kl_weight"],
+               bf16=v["bf16"], warmup=WARMUP_STEPS, device=device, desc="vae train")
+
+
+def finetune_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
+    """A short whole-frame fp32 fine-tune (vae.finetune) after the crop training.
+
+    GroupNorm statistics of a small crop are not those of a whole frame: the crop-trained
+    model scores ~1 dB higher decoded tile by tile than on whole frames, and ~100
+    whole-frame steps recover that (docs/design.md).
+    """
+    ft = v["finetune"]
+    return fit(vae, frames, torch.Generator().manual_seed(seed + 1), steps=ft["steps"],
+               batch_size=ft["batch_size"], chunk_frames=v["chunk_frames"], crop=0, lr=ft["lr"],
+               kl_weight=v["kl_weight"], bf16=False, warmup=1, device=device, desc="vae whole-frame fine-tune")
 
 
 @torch.no_grad()
@@ -177,8 +197,8 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
     vae = load_vae(base).to(device)
     test = load_split_frames(clips, "test", params)
     psnr_init = psnr_db(vae, test, device)
-    result = {"psnr_init_db": psnr_init, "steps": v["steps"], "test_clips": len(test),
-              "parameters": count_parameters(vae)}
+    result = {"psnr_init_db": psnr_init, "steps": v["steps"], "finetune_steps": v["finetune"]["steps"],
+              "test_clips": len(test), "parameters": count_parameters(vae)}
     t0 = time.time()
     if v["steps"] == 0:
         with atomic_path(out) as tmp:
@@ -187,6 +207,9 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
     else:
         train = load_split_frames(clips, "train", params)
         history = train_vae(vae, train, v, params["seed"], device)
+        if v["finetune"]["steps"]:
+            result["psnr_crop_trained_db"] = psnr_db(vae, test, device)
+            history += finetune_vae(vae, train, v, params["seed"], device)
         vae.register_to_config(scaling_factor=1.0 / latent_std(vae, train, device))
         result.update(psnr_test_db=psnr_db(vae, test, device), train_mse_last=float(np.mean(history[-50:])),
                       train_clips=len(train), scaling_factor=vae.config.scaling_factor,

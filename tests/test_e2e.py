@@ -33,6 +33,7 @@ def smoke_params(every_run: bool = False) -> dict:
     p["data"].update(frames=4, resolution={"width": 64, "height": 32}, low_resolution={"width": 32, "height": 16})
     p["data"]["embedded"].update(max_train_clips=6, max_test_clips=4, stills=False)
     p["vae"]["steps"] = 5
+    p["vae"]["finetune"].update(steps=2, batch_size=2)
     p["teacher"]["steps"] = 6
     p["lgp"]["steps"] = 3
     p["acd"]["steps"] = 4

@@ -58,6 +58,8 @@ BAD = [
     ("conditioning.motion_bucket_id", 300, "conditioning.motion_bucket_id"),
     ("resources.train", {"gpus": -1}, "resources.train.gpus"),
     ("teacher", _DELETE, "teacher"),
+    ("vae.finetune.batch_size", 0, "vae.finetune.batch_size"),
+    ("vae.steps", 0, "vae.finetune.steps"),
 ]
 
 

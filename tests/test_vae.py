@@ -21,7 +21,7 @@ def small_params(**vae) -> dict:
     over = {"data": {"frames": 4, "resolution": {"width": 64, "height": 32},
                      "low_resolution": {"width": 32, "height": 16},
                      "embedded": {"max_train_clips": 4, "max_test_clips": 2}},
-            "vae": {"steps": 3, "batch_size": 4, **vae}}
+            "vae": {"steps": 3, "batch_size": 4, "finetune": {"steps": 2, "batch_size": 2}, **vae}}
     return validate(deep_merge(load_params(ROOT / "params.yaml"), over))
 
 
@@ -46,9 +46,10 @@ def test_vae_stage_small(tmp_path):
     assert vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
     saved = json.loads((tmp_path / "vae.json").read_text())
     assert saved["steps"] == 3 and "trained here" in saved["weights"]
-    assert {"psnr_test_db", "psnr_init_db"} <= set(saved)
+    assert {"psnr_test_db", "psnr_init_db", "psnr_crop_trained_db"} <= set(saved)
+    assert saved["finetune_steps"] == 2
     # Paper-scale path: copied unchanged, PSNR still measured.
-    copied = make_vae(small_params(steps=0), base, tmp_path / "clips", tmp_path / "copy", tmp_path / "c.json")
+    copied = make_vae(small_params(steps=0, finetune={"steps": 0}), base, tmp_path / "clips", tmp_path / "copy", tmp_path / "c.json")
     assert copied["psnr_test_db"] == copied["psnr_init_db"]
     assert (tmp_path / "copy" / "config.json").read_text() == (base / "vae" / "config.json").read_text()
 
