@@ -66,7 +66,9 @@ def test_vae_reaches_target_psnr_on_embedded_data(tmp_path):
     print(f"VAE: {result['psnr_test_db']:.2f} dB test PSNR in {time.time() - t0:.0f} s")
     assert result["psnr_test_db"] > result["psnr_init_db"] + 3
     assert psnr_db(load_vae(tmp_path / "vae"), torch.zeros(1, 4, 3, 64, 128, dtype=torch.uint8)) > 0
-    # Regression floor: measured 21.0 dB with these settings (1500 steps, 341 s on 2 threads, load ~1.5).
-    assert result["psnr_test_db"] >= 19.5
+    # Regression floor: measured 21.9 dB with these settings (1500 crop + 100 whole-frame steps,
+    # 521 s on 2 threads); the fine-tune must help.
+    assert result["psnr_test_db"] >= 20.5
+    assert result["psnr_test_db"] > result["psnr_crop_trained_db"]
     if result["psnr_test_db"] < 24.0:
         pytest.xfail(f"issue target 24 dB not met: {result['psnr_test_db']:.2f} dB")

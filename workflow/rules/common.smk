@@ -21,6 +21,28 @@ localrules:
     fvd,
 
 
+# A training step with the VAE-decoder discriminator front end (ablation e) costs about 8 of
+# the latent front end's (docs/benchmarks.md).
+VAE_FRONT_END_COST = 8
+
+
+def chain_cost(name):
+    """Estimated cost of a training run plus its costliest chain of runs that start from it."""
+    run = config["train"]["runs"][name]
+    over = run.get("override", {})
+    steps = over.get(run["stage"], {}).get("steps", config[run["stage"]]["steps"])
+    front_end = over.get("disc", {}).get("front_end", config["disc"]["front_end"])
+    own = steps * (VAE_FRONT_END_COST if front_end == "vae" else 1)
+    children = [r for r, v in config["train"]["runs"].items() if v["init"] == name]
+    return own + max(map(chain_cost, children), default=0)
+
+
+def train_priority(wildcards):
+    """Longest chain first: left to itself Snakemake started ablation e's two runs last, and
+    they ended the embedded DAG on one core for 8 minutes while the other idled."""
+    return chain_cost(wildcards.run)
+
+
 def init_folder(wildcards):
     """Stage 2 starts from another run's export, or from the teacher."""
     return f"models/{config['train']['runs'][wildcards.run]['init']}"

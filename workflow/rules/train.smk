@@ -38,6 +38,7 @@ rule train:
         stages={k: config[k] for k in ("sde", "conditioning", "student", "disc", "lgp", "acd")},
         train={k: v for k, v in config["train"].items() if k != "runs"},
         init=init_folder,
+    priority: train_priority
     log:
         "logs/train/{run}.log",
     conda:
