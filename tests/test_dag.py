@@ -1,10 +1,13 @@
 """The Snakefile and dvc.yaml describe the same DAG; the workflow is lint-clean."""
 
+import functools
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -12,12 +15,16 @@ ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
 LOG_REDIRECT = re.compile(r" 2>&1 \| tee \S+$")
 
 
+@functools.cache
+def dry_run() -> str:
+    return subprocess.run([BIN / "snakemake", "-n", "-p", "--forceall", "--nocolor"], cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, check=True).stdout
+
+
 def snakemake_jobs() -> dict:
     """Parse `snakemake -n -p --forceall`: {(rule, wildcard value): (cmd, inputs, outputs)}."""
-    out = subprocess.run([BIN / "snakemake", "-n", "-p", "--forceall", "--nocolor"], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, check=True).stdout
     jobs = {}
-    for block in out.split("\nrule ")[1:]:
+    for block in dry_run().split("\nrule ")[1:]:
         rule = block.split(":", 1)[0]
         fields = dict(re.findall(r"^    (input|output|wildcards): (.*)$", block, flags=re.M))
         cmd = re.search(r"^Shell command: (.*)$", block, flags=re.M)
@@ -66,3 +73,15 @@ def test_snakefile_and_dvc_yaml_hold_the_same_dag():
 def test_snakemake_lint_is_clean():
     out = subprocess.run([BIN / "snakemake", "--lint"], cwd=ROOT, env=ENV, capture_output=True, text=True)
     assert "Congratulations" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+def test_training_runs_start_longest_chain_first():
+    """Ablation e (VAE-decoder discriminator, ~8x the step cost) heads the longest chain of runs."""
+    prio = dict(re.findall(r"^rule train:\n(?:    .*\n)*?    wildcards: run=(\S+)\n    priority: (\d+)$", dry_run(),
+                           flags=re.M))
+    runs = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["runs"]
+    assert set(prio) == set(runs), prio
+    assert max(prio, key=lambda r: int(prio[r])) == "abl_e_stage1_vae", prio
+    for name, run in runs.items():
+        if run["init"] in runs:
+            assert int(prio[run["init"]]) > int(prio[name]), (run["init"], name, prio)
