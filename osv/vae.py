@@ -157,7 +157,6 @@ def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_si
 
 def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
     """Crop training from an identity start (vae.steps, under bf16 autocast if vae.bf16)."""
-    check_precision(v, device)
     torch.manual_seed(seed)
     init_for_training(vae)
     return fit(vae, frames, torch.Generator().manual_seed(seed), steps=v["steps"], batch_size=v["batch_size"],

@@ -1,4 +1,6 @@
 # Shared names: the run and method lists of params.yaml, and model folder lookups.
+from osv.params import deep_merge
+
 PARAMS = "params.yaml"
 RUNS = list(config["train"]["runs"])
 METHODS = list(config["eval"]["methods"])
@@ -29,10 +31,8 @@ VAE_FRONT_END_COST = 8
 def chain_cost(name):
     """Estimated cost of a training run plus its costliest chain of runs that start from it."""
     run = config["train"]["runs"][name]
-    over = run.get("override", {})
-    steps = over.get(run["stage"], {}).get("steps", config[run["stage"]]["steps"])
-    front_end = over.get("disc", {}).get("front_end", config["disc"]["front_end"])
-    own = steps * (VAE_FRONT_END_COST if front_end == "vae" else 1)
+    p = deep_merge(config, run.get("override", {}))
+    own = p[run["stage"]]["steps"] * (VAE_FRONT_END_COST if p["disc"]["front_end"] == "vae" else 1)
     children = [r for r, v in config["train"]["runs"].items() if v["init"] == name]
     return own + max(map(chain_cost, children), default=0)
 
