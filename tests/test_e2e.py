@@ -10,11 +10,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from polling import poll
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -91,14 +91,16 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
     # Every GPU stage ran as its own SLURM job with one GPU.
     n_runs, n_methods = len(params["train"]["runs"]), len(params["eval"]["methods"])
     want = {"encode": 1, "teacher": 1, "train": n_runs, "generate": n_methods, "fvd": n_methods}
-    for _ in range(60):  # accounting lags the last jobs by a moment (see test_slurm.sacct_field)
+
+    def our_jobs():
         jobs = sh(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName,AllocTRES,State,WorkDir"], repo).splitlines()
-        ours = [j.split("|") for j in jobs if j.split("|")[-1].startswith(str(repo))]
-        counts = {s: sum(j[1] == f"osv-{s}" for j in ours) for s in GPU_STAGES}
-        if counts == want:
-            break
-        time.sleep(0.5)
-    assert counts == want, ours
+        return [j.split("|") for j in jobs if j.split("|")[-1].startswith(str(repo))]
+
+    def counts(ours):
+        return {s: sum(j[1] == f"osv-{s}" for j in ours) for s in GPU_STAGES}
+
+    ours = poll(our_jobs, lambda o: counts(o) == want, 30)  # accounting lags the last jobs by a moment
+    assert counts(ours) == want, ours
     assert all("gres/gpu=1" in j[2] and j[3] == "COMPLETED" for j in ours), ours
     logs = "".join(p.read_text() for p in (repo / "logs").rglob("*.log"))
     assert "slurm_job=" in logs and "CUDA_VISIBLE_DEVICES=<unset>" not in logs

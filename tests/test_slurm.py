@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import poll
 
 from osv import launch
 from osv.params import deep_merge, load_params
@@ -112,14 +113,11 @@ def sacct_field(job_id: str, field: str, want: str = "", wait_s: float = 30) -> 
     """A job's sacct field, waited for until it holds `want`: accounting lags the job, and when
     slurmdbd hears of a job's first step before the job itself it files the job as "allocation"
     until the job's own start record arrives (seen under CI load)."""
-    end, out = time.monotonic() + wait_s, ""
-    while time.monotonic() < end:
-        out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field], capture_output=True,
-                             text=True).stdout.strip()
-        if out and want in out:
-            break
-        time.sleep(0.5)
-    return out
+    def read():
+        return subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", field], capture_output=True,
+                              text=True).stdout.strip()
+
+    return poll(read, lambda out: out and want in out, wait_s)
 
 
 def in_thread(fn, *args) -> dict:
@@ -139,11 +137,8 @@ def in_thread(fn, *args) -> dict:
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    if not poll(predicate, bool, timeout, 0.2):
+        raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---------------------------------------------------------------------------------- tests
