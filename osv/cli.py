@@ -11,10 +11,12 @@ import importlib
 import sys
 
 from osv.launch import LaunchError
+from osv.numerics import NonFiniteError
 from osv.params import ParamsError
 
 # command name -> module holding its register(); only the module of the command run is imported.
 COMMANDS = {
+    "check": "osv.params",
     "data": "osv.data.prepare",
     "weights": "osv.weights",
     "vae": "osv.vae",
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except ParamsError as exc:
         print(f"osv {args.command}: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(str(exc), file=sys.stderr)
+        return NonFiniteError.exit_code
     except LaunchError as exc:
         print(f"osv {args.command}: {exc}", file=sys.stderr)
         return 1

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from osv.atomic import atomic_path, write_json
+from osv.atomic import atomic_path
+from osv.numerics import injected, require_finite, require_finite_module
 
 WARMUP_STEPS = 20
 
@@ -125,13 +126,16 @@ def vae_loss(vae, x: torch.Tensor, num_frames: int, kl_weight: float, bf16: bool
     return loss, (d.detach() / 2).pow(2).mean()
 
 
-def check_precision(v: dict, device: str) -> None:
-    """Refuse whole-frame bf16 on CPU (vae section of the params) before any work."""
+def training_precision(v: dict, device: str) -> str:
+    """vae.precision resolved for this machine ('fp32' or 'bf16'), refused before any work if unsafe."""
     from osv.params import ParamsError
+    from osv.precision import resolve
 
-    if v["bf16"] and device == "cpu" and v["crop"] == 0:
-        raise ParamsError("params vae.bf16 = true with vae.crop = 0: whole-frame bf16 training corrupts the heap "
-                          "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.bf16 = false")
+    precision = resolve(v["precision"], device, "vae.precision")
+    if precision == "bf16" and device == "cpu" and v["crop"] == 0:
+        raise ParamsError("vae.precision = bf16 with vae.crop = 0: whole-frame bf16 training corrupts the heap "
+                          "in torch's CPU kernels; set vae.crop > 0 (e.g. 32) or vae.precision: fp32")
+    return precision
 
 
 def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_size: int, chunk_frames: int,
@@ -143,9 +147,12 @@ def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_si
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     history = []
     bar = tqdm(range(steps), desc=desc, unit="step")
-    for _ in bar:
+    for step in bar:
         x, num_frames = sample_batch(frames, batch_size, chunk_frames, crop, gen)
         loss, mse = vae_loss(vae, x.to(device), num_frames, kl_weight, bf16)
+        loss = loss * injected("vae", step)
+        require_finite("vae", {f"{desc} loss": loss}, step,
+                       hint="bf16 autocast on a CPU without native bf16 does this: vae.precision: fp32" if bf16 else "")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,13 +162,13 @@ def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_si
     return history
 
 
-def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
-    """Crop training from an identity start (vae.steps, under bf16 autocast if vae.bf16)."""
+def train_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu", precision: str = "fp32") -> list[float]:
+    """Crop training from an identity start (vae.steps, under bf16 autocast if `precision` is bf16)."""
     torch.manual_seed(seed)
     init_for_training(vae)
     return fit(vae, frames, torch.Generator().manual_seed(seed), steps=v["steps"], batch_size=v["batch_size"],
                chunk_frames=v["chunk_frames"], crop=v["crop"], lr=v["lr"], kl_weight=v["kl_weight"],
-               bf16=v["bf16"], warmup=WARMUP_STEPS, device=device, desc="vae train")
+               bf16=precision == "bf16", warmup=WARMUP_STEPS, device=device, desc="vae train")
 
 
 def finetune_vae(vae, frames: torch.Tensor, v: dict, seed: int, device: str = "cpu") -> list[float]:
@@ -188,11 +195,11 @@ def latent_std(vae, frames: torch.Tensor, device: str = "cpu") -> float:
 def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path, metrics: str | Path) -> dict:
     """Train (embedded) or copy (paper) the VAE into `out`; write the metrics JSON."""
     from osv.models import count_parameters, load_vae
+    from osv.provenance import record, require_finite_metrics, write_metrics
 
     v = params["vae"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if v["steps"]:
-        check_precision(v, device)
+    precision = training_precision(v, device) if v["steps"] else "fp32"
     vae = load_vae(base).to(device)
     test = load_split_frames(clips, "test", params)
     psnr_init = psnr_db(vae, test, device)
@@ -205,7 +212,7 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
         result.update(psnr_test_db=psnr_init, weights=f"copied unchanged from {base}/vae")
     else:
         train = load_split_frames(clips, "train", params)
-        history = train_vae(vae, train, v, params["seed"], device)
+        history = train_vae(vae, train, v, params["seed"], device, precision)
         if v["finetune"]["steps"]:
             result["psnr_crop_trained_db"] = psnr_db(vae, test, device)
             history += finetune_vae(vae, train, v, params["seed"], device)
@@ -213,10 +220,12 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
         result.update(psnr_test_db=psnr_db(vae, test, device), train_mse_last=float(np.mean(history[-50:])),
                       train_clips=len(train), scaling_factor=vae.config.scaling_factor,
                       weights="small VAE built from osv/configs/small_vae.json, trained here")
+        require_finite_module("vae", vae, "the trained VAE")
+        require_finite_metrics("vae", result, metrics)
         with atomic_path(out) as tmp:
             vae.to("cpu").save_pretrained(tmp)
     result["seconds"] = time.time() - t0
-    write_json(metrics, result)
+    write_metrics(metrics, result, record(params, "vae", precision=precision, device=device))
     return result
 
 
