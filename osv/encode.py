@@ -8,7 +8,9 @@ unscaled). Video `latents` are the VAE latent mode times scaling_factor.
 
 Resumable: every shard is renamed into place when complete and carries a
 fingerprint of what it was computed from; a rerun skips shards whose fingerprint
-matches. index.json and stats.json are written last.
+matches, unless the last complete index.json recorded a different content hash (SHA-256)
+for it. index.json (with every shard's hash, checked when the shard is read) and stats.json
+are written last.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import warnings
 import zlib
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
+from osv.hub import sha256_file
 
 FRAME_CHUNK = 16  # frames per VAE call: bounds memory at paper resolution
 CLIP_SIZE = 224  # SVD's _encode_image resizes the conditioning frame to 224 x 224
@@ -122,11 +126,26 @@ def shard_done(path: Path, fp: str) -> bool:
     try:
         with safe_open(str(path), "pt") as f:
             return json.loads((f.metadata() or {}).get("osv", "{}")).get("fingerprint") == fp
-    except Exception:  # unreadable (foreign or corrupt) file: recompute it
+    except Exception as exc:  # unreadable (foreign or corrupt) file: recompute it
+        warnings.warn(f"{path}: unreadable ({exc}): encoding it again", stacklevel=2)
         return False
 
 
-def encode_shard(models, clips: Path, rows, ids, params, width, height, device, path: Path, fp: str) -> None:
+def reusable(path: Path, fp: str, old: dict | None) -> str | None:
+    """SHA-256 of an existing shard computed from `fp`, else None (encode it)."""
+    if not shard_done(path, fp):
+        return None
+    digest = sha256_file(path)
+    # Only a hash recorded for this very computation (same fingerprint) says what the bytes must be.
+    if old and old.get("fingerprint") == fp and old.get("sha256") not in (None, digest):
+        warnings.warn(f"{path}: changed since `osv encode` wrote it (sha256 {digest}, index.json says "
+                      f"{old['sha256']}): encoding it again", stacklevel=2)
+        return None
+    return digest
+
+
+def encode_shard(models, clips: Path, rows, ids, params, width, height, device, path: Path, fp: str) -> str:
+    """Write the shard; return its SHA-256."""
     from safetensors.torch import save_file
 
     bs = params["encode"]["batch_size"]
@@ -139,11 +158,13 @@ def encode_shard(models, clips: Path, rows, ids, params, width, height, device, 
         # One metadata key: safetensors orders several keys differently from run to run.
         meta = json.dumps({"fingerprint": fp, "clip_ids": ids}, sort_keys=True)
         save_file(tensors, str(tmp), metadata={"osv": meta})
+        return sha256_file(tmp)
 
 
 def encode_group(models, clips: Path, out: Path, params: dict, split: str, width: int, height: int,
-                 device: str, counts: dict) -> dict:
-    """All shards of one split/resolution; returns its index entry."""
+                 device: str, counts: dict, previous: dict | None = None) -> dict:
+    """All shards of one split/resolution; returns its index entry. `previous`: this group's
+    entry in the last complete index.json, if any."""
     from osv.data import clip_id, read_manifest
 
     rows = read_manifest(clips / "manifest.csv", split)
@@ -151,18 +172,21 @@ def encode_group(models, clips: Path, out: Path, params: dict, split: str, width
         raise ValueError(f"{clips}/manifest.csv: no '{split}' clips to encode")
     size = params["encode"]["shard_size"]
     folder = out / group_name(split, width, height)
+    old = {s["file"]: s for s in (previous or {}).get("shards", [])}
     shards = []
     for k in tqdm(range(0, len(rows), size), desc=f"encode {group_name(split, width, height)}", unit="shard"):
         chunk = rows[k:k + size]
         ids = [clip_id(r) for r in chunk]
         path = folder / f"shard-{k // size:05d}.safetensors"
         fp = fingerprint(params, models["id"], width, height, ids)
-        if shard_done(path, fp):
+        digest = reusable(path, fp, old.get(path.name))
+        if digest:
             counts["skipped"] += 1
         else:
-            encode_shard(models, clips, chunk, ids, params, width, height, device, path, fp)
+            digest = encode_shard(models, clips, chunk, ids, params, width, height, device, path, fp)
             counts["encoded"] += 1
-        shards.append({"file": path.name, "clip_ids": ids, "count": len(ids)})
+        shards.append({"file": path.name, "clip_ids": ids, "count": len(ids), "fingerprint": fp,
+                       "sha256": digest})
     return {"split": split, "width": width, "height": height, "folder": group_name(split, width, height),
             "count": len(rows), "shards": shards}
 
@@ -185,9 +209,9 @@ def load_models(base: Path, vae: Path, device: str) -> dict:
 @torch.no_grad()
 def group_stats(folder: Path, entry: dict) -> dict:
     """Mean/std of the stored (scaled) latents of one group, overall and per channel."""
-    from safetensors.torch import load_file
+    from osv.latents import load_shard
 
-    lat = torch.cat([load_file(str(folder / s["file"]))["latents"] for s in entry["shards"]]).double()
+    lat = torch.cat([load_shard(folder / s["file"], s["sha256"])["latents"] for s in entry["shards"]]).double()
     per_channel = lat.transpose(0, 2).flatten(1)
     return {"mean": float(lat.mean()), "std": float(lat.std()), "channel_mean": per_channel.mean(1).tolist(),
             "channel_std": per_channel.std(1).tolist(), "count": entry["count"]}
@@ -199,7 +223,12 @@ def encode_all(params: dict, clips: str, base: str, vae: str, out: str) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = load_models(base, vae, device)
     counts = {"encoded": 0, "skipped": 0}
-    entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts)
+    try:  # the last complete run's index: the hashes its shards must still have
+        previous = json.loads((out / "index.json").read_text())["groups"]
+    except (OSError, ValueError, KeyError):
+        previous = {}
+    entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
+                                                 previous.get(group_name(s, w, h)))
                for s, w, h in groups(params)}
     index = {"frames": params["data"]["frames"], "fps": params["data"]["fps"],
              "scaling_factor": float(models["vae"].config.scaling_factor),

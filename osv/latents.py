@@ -8,7 +8,41 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from osv.hub import sha256_file
+
 KEYS = ("latents", "cond_latents", "image_embeds", "first_frame")
+
+
+class ShardError(RuntimeError):
+    """A latent shard that is unreadable or differs from the content hash in index.json."""
+
+
+def check_shard(path: Path, sha256: str | None) -> str | None:
+    """Why the shard at `path` is not what `osv encode` wrote (None when it is, or when the
+    index predates content hashes and gives none)."""
+    if sha256 is None:
+        return None
+    got = sha256_file(path)
+    if got != sha256:
+        return (f"{path}: shard changed or truncated since `osv encode` wrote it (sha256 {got}, "
+                f"index.json says {sha256}); re-run `osv encode`")
+    return None
+
+
+def _unreadable(path: Path, exc: Exception) -> ShardError:
+    return ShardError(f"{path}: cannot read latent shard ({type(exc).__name__}: {exc}); re-run `osv encode`")
+
+
+def load_shard(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """All tensors of one shard, checked against its content hash."""
+    from safetensors.torch import load_file
+
+    if problem := check_shard(path, sha256):
+        raise ShardError(problem)
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def read_index(folder: str | Path) -> dict:
@@ -43,7 +77,9 @@ class LatentDataset(Dataset):
         folder = self.root / self.group["folder"]
         self.items = [(folder / s["file"], row, cid)
                       for s in self.group["shards"] for row, cid in enumerate(s["clip_ids"])]
-        for path in dict.fromkeys(p for p, _, _ in self.items):
+        self.sha256 = {folder / s["file"]: s.get("sha256") for s in self.group["shards"]}
+        self.problems: dict[Path, str | None] = {}  # shard -> check_shard verdict, once per process
+        for path in self.sha256:
             if not path.exists():
                 raise FileNotFoundError(f"{path}: shard listed in {self.root}/index.json is missing")
 
@@ -54,8 +90,16 @@ class LatentDataset(Dataset):
         from safetensors import safe_open
 
         path, row, cid = self.items[i]
-        with safe_open(str(path), "pt") as f:
-            out = {k: f.get_slice(k)[row:row + 1][0] for k in KEYS}
+        # Hashed on first use, not in __init__: paper-scale shards are GBs each.
+        if path not in self.problems:
+            self.problems[path] = check_shard(path, self.sha256[path])
+        if self.problems[path]:
+            raise ShardError(self.problems[path])
+        try:
+            with safe_open(str(path), "pt") as f:
+                out = {k: f.get_slice(k)[row:row + 1][0] for k in KEYS}
+        except Exception as exc:
+            raise _unreadable(path, exc) from exc
         out["clip_id"] = cid
         return out
 

@@ -71,3 +71,80 @@ def test_interrupted_run_resumes_bit_exactly(tmp_path, monkeypatch):
     different = [name for name in reference if not torch.equal(reference[name], resumed[name])]
     assert not different, f"interrupted at step {k}: {len(different)} tensors differ, e.g. {different[:3]}"
     assert (tmp_path / "plots/train" / f"{run}.csv").read_text() == ref_csv
+
+
+def _save(run, step, **kw):
+    return ck.save_checkpoint(run, step, {"student": {"w": torch.full((64,), float(step))}}, {"step": step},
+                              keep_last=5, texts={"curves.csv": "step\n"}, **kw)
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    _save(tmp_path, 1)
+    bad = _save(tmp_path, 2)
+    shard = bad / "student.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ck.CheckpointError, match=f"{shard}: truncated"):
+        ck.load_checkpoint(bad)
+    with pytest.warns(UserWarning, match=f"{bad} is damaged, moved to {tmp_path / 'corrupt' / 'step-0000002'}"):
+        path, (weights, state, _) = ck.load_latest_good(tmp_path)
+    assert path.name == "step-0000001" and state["step"] == 1 and weights["student"]["w"][0] == 1.0
+    assert (tmp_path / "corrupt" / "step-0000002" / "student.safetensors").exists()  # set aside, not deleted
+    assert [p.name for p in ck.list_checkpoints(tmp_path)] == ["step-0000001"]
+
+
+def test_changed_or_missing_checkpoint_files_are_named(tmp_path):
+    path = _save(tmp_path, 1)
+    state = path / ck.STATE_FILE
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(ck.CheckpointError, match=f"{state}: content changed"):
+        ck.load_checkpoint(path)
+    (path / "curves.csv").unlink()
+    with pytest.raises(ck.CheckpointError, match=f"{path / 'curves.csv'}: missing"):
+        ck.load_checkpoint(path)
+    with pytest.warns(UserWarning, match="damaged"):
+        assert ck.load_latest_good(tmp_path) == (None, None)
+
+
+def test_checkpoint_without_manifest_loads_and_names_an_unreadable_file(tmp_path):
+    path = _save(tmp_path, 1)
+    (path / ck.MANIFEST).unlink()  # as written before checkpoints carried manifests
+    with pytest.warns(UserWarning, match="unverified"):
+        assert ck.load_checkpoint(path)[1]["step"] == 1
+    (path / "student.safetensors").write_bytes(b"\0" * 16)
+    with pytest.warns(UserWarning, match="unverified"), \
+            pytest.raises(ck.CheckpointError, match=f"{path / 'student.safetensors'}: unreadable"):
+        ck.load_checkpoint(path)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs: a real full disk (needs root; the CI runs as root)."""
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)  # a failed writer may still hold a file open
+
+
+# Too big: the weights (safetensors' SafetensorError) or the state (torch.save's "unexpected pos").
+@pytest.mark.parametrize("big", ["weights", "state"])
+def test_full_disk_during_checkpoint_names_the_path_and_the_cause(small_disk, big):
+    run = small_disk / "run"
+    _save(run, 1)
+    large = {"w": torch.zeros(100_000)}
+    target = run / "checkpoints" / "step-0000002"
+    with pytest.raises(OSError, match=f"writing {target}: No space left on device"):
+        ck.save_checkpoint(run, 2, {"student": large if big == "weights" else {"w": torch.zeros(4)}},
+                           {"step": 2, "big": large if big == "state" else {}}, keep_last=5)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-0000001"]  # no partial folder left
+    assert ck.load_latest_good(run)[0].name == "step-0000001"

@@ -97,3 +97,81 @@ def test_deterministic_and_resumable(setup, monkeypatch):
     result = enc.encode_all(*args, str(tmp / "c"))
     assert result["skipped"] == 1 and result["encoded"] == len(shards) - 1
     assert read_index(tmp / "c") == read_index(tmp / "a")
+
+
+@pytest.fixture
+def damaged(setup, tmp_path):
+    """A copy of the encoded folder and its first train shard, to damage."""
+    import shutil
+
+    _, tmp, _ = setup
+    root = tmp_path / "latents"
+    shutil.copytree(tmp / "a", root)
+    return root, root / "train/64x32/shard-00000.safetensors"
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _zero_latents(path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    tensors["latents"] = torch.zeros_like(tensors["latents"])
+    save_file(tensors, str(path), metadata=meta)  # a valid shard with the same fingerprint, wrong content
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte, _zero_latents], ids=["truncated", "flipped", "zeroed"])
+def test_a_damaged_shard_is_named_when_first_read(damaged, damage):
+    from osv.latents import ShardError
+
+    root, shard = damaged
+    expected = next(s["sha256"] for s in read_index(root)["groups"]["train/64x32"]["shards"]
+                    if s["file"] == shard.name)
+    damage(shard)
+    ds = LatentDataset(root, "train", 64, 32)  # hashes lazily: construction does not read the shard
+    with pytest.raises(ShardError, match=f"{shard}: shard changed or truncated .*index.json says {expected}"):
+        ds[0]
+    assert ds[len(ds) - 1]["latents"].shape[0] == 4  # other shards still read
+
+
+def test_unreadable_shard_without_a_hash_is_named(damaged):
+    import json
+
+    from osv.latents import ShardError
+
+    root, shard = damaged
+    index = read_index(root)
+    for s in index["groups"]["train/64x32"]["shards"]:
+        del s["sha256"]  # an index written before shards carried hashes
+    (root / "index.json").write_text(json.dumps(index))
+    _truncate(shard)
+    with pytest.raises(ShardError, match=f"{shard}: cannot read latent shard"):
+        LatentDataset(root, "train", 64, 32)[0]
+
+
+def test_rerun_encodes_damaged_shards_again(setup, damaged):
+    params, tmp, _ = setup
+    root, shard = damaged
+    _zero_latents(shard)
+    truncated = root / "test/64x32/shard-00001.safetensors"
+    _truncate(truncated)
+    with pytest.warns(UserWarning) as caught:
+        result = enc.encode_all(params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"),
+                                str(root))
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{shard}: changed since `osv encode` wrote it") for m in messages), messages
+    assert any(m.startswith(f"{truncated}: unreadable") for m in messages), messages
+    assert result["encoded"] == 2
+    assert shard.read_bytes() == (tmp / "a" / shard.relative_to(root)).read_bytes()
+    assert read_index(root) == read_index(tmp / "a")

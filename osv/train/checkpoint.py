@@ -4,24 +4,36 @@ A checkpoint folder holds one safetensors file per weight group (student trainab
 EMA, discriminator trainable state), `state.pt` (optimizer and GradScaler states, step, RNG
 states, data-order state; plain tensors/containers so torch.load(weights_only=True) reads it)
 and `curves.csv` (the training curve so far, so a resumed run's plot is complete). Folders
-are written atomically (temp dir, then rename), so every `step-*` folder is complete.
+are written atomically (temp dir, then rename), so every `step-*` folder is complete, and
+`manifest.json` lists the size and SHA-256 of every other file in it, so a folder damaged
+later (truncated, changed, a file lost) is detected on load; `load_latest_good` then moves
+it to runs/RUN/corrupt/ and falls back to the previous checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from osv.atomic import atomic_path
+from osv.hub import sha256_file
 
 STEP_DIR = re.compile(r"^step-(\d{7})$")
 STATE_FILE = "state.pt"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder whose files are missing, truncated, changed or unreadable."""
 
 
 def checkpoints_root(run_dir: str | Path) -> Path:
@@ -78,22 +90,86 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, dict[str,
         torch.save(state, tmp / STATE_FILE)
         for name, text in (texts or {}).items():
             (tmp / name).write_text(text)
+        files = {f.relative_to(tmp).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+                 for f in sorted(tmp.rglob("*")) if f.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"files": files}, indent=2, sort_keys=True) + "\n")
+    # The newest folder was just written and hashed, so pruning never keeps a bad one over a good one.
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return path
 
 
+def verify_checkpoint(path: str | Path) -> bool:
+    """Raise CheckpointError naming the first file that differs from the folder's manifest;
+    False (with a warning) for a folder written before checkpoints carried a manifest."""
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        warnings.warn(f"{path}: no {MANIFEST}, loading it unverified", stacklevel=3)
+        return False
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{manifest}: unreadable ({exc})") from exc
+    for name, want in listed.items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (listed in {MANIFEST})")
+        if f.stat().st_size != want["size"]:
+            raise CheckpointError(f"{f}: truncated or grown: {f.stat().st_size} bytes, "
+                                  f"{MANIFEST} says {want['size']}")
+        if (got := sha256_file(f)) != want["sha256"]:
+            raise CheckpointError(f"{f}: content changed: sha256 {got}, {MANIFEST} says {want['sha256']}")
+    extra = [name for name in sorted(f.relative_to(path).as_posix() for f in path.rglob("*") if f.is_file())
+             if name != MANIFEST and name not in listed]
+    if extra:
+        raise CheckpointError(f"{path}: files not in {MANIFEST}: {extra}")
+    return True
+
+
 def load_checkpoint(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, dict[str, str]]:
-    """(weights by group, state, text files) of one checkpoint folder."""
+    """(weights by group, state, text files) of one checkpoint folder, verified against its manifest."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {STATE_FILE})")
-    weights = {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    texts = {p.name: p.read_text() for p in sorted(path.glob("*.csv"))}
+    verified = verify_checkpoint(path)
+
+    def read(f: Path, reader):
+        try:
+            return reader(f)
+        except Exception as exc:
+            if verified:  # the bytes are as written: a code problem, not a damaged folder
+                exc.add_note(f"while reading {f}")
+                raise
+            raise CheckpointError(f"{f}: unreadable ({type(exc).__name__}: {exc})") from exc
+
+    weights = {f.stem: read(f, lambda f: load_file(str(f))) for f in sorted(path.glob("*.safetensors"))}
+    state = read(path / STATE_FILE, lambda f: torch.load(f, map_location="cpu", weights_only=True))
+    texts = {f.name: read(f, Path.read_text) for f in sorted(path.glob("*.csv"))}
     return weights, state, texts
+
+
+def load_latest_good(run_dir: str | Path) -> tuple[Path | None, tuple | None]:
+    """(path, load_checkpoint(path)) of the newest checkpoint that verifies, else (None, None).
+
+    Each newer one that fails is moved to run_dir/corrupt/ (never deleted) with a warning.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as exc:
+            dest = Path(run_dir) / "corrupt" / path.name
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = dest.with_name(f"{path.name}.{n}")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # another rank moved it first
+                os.replace(path, dest)
+            warnings.warn(f"checkpoint {path} is damaged, moved to {dest}: {exc}", stacklevel=2)
+    return None, None
 
 
 def rng_state() -> dict:

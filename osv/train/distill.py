@@ -305,16 +305,16 @@ def resume(run_dir, nets: Nets, state: State, prec, columns, params: dict) -> ob
     """Load the newest complete checkpoint made under these params (if any) into nets/state;
     return the curve so far."""
     from osv.student import load_trainable_state_dict
-    from osv.train.checkpoint import latest_checkpoint, load_checkpoint, set_aside_stale, set_rng_state
+    from osv.train.checkpoint import load_latest_good, set_aside_stale, set_rng_state
     from osv.train.logging import Curve
 
     stale = set_aside_stale(run_dir, params_hash(params))
     if stale is not None:
         print(f"checkpoints in {run_dir} were made under other params: moved to {stale}, starting fresh", flush=True)
-    path = latest_checkpoint(run_dir)
+    path, loaded = load_latest_good(run_dir)
     if path is None:
         return Curve(columns)
-    weights, ckpt, texts = load_checkpoint(path)
+    weights, ckpt, texts = loaded
     load_trainable_state_dict(nets.student, weights["student"], strict=True)
     missing = set(nets.ema) ^ set(weights["ema"])
     if missing:
