@@ -4,7 +4,10 @@
 # Every rule calls one `osv` subcommand; all parameters come from params.yaml.
 import os
 
-from snakemake.utils import min_version, validate
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import min_version
+
+from osv.params import check_yaml_file, validate_config
 
 min_version("9.0")
 
@@ -14,8 +17,17 @@ configfile: "params.yaml"
 
 # The launcher (none/debug/local/slurm) never changes results, so it is not a
 # parameter: profiles pass it as config `launcher`, the osv commands read OSV_LAUNCHER.
-os.environ.update(OSV_LAUNCHER=str(config.pop("launcher", os.environ.get("OSV_LAUNCHER", "none"))))
-validate(config, "workflow/schemas/params.schema.yaml")
+LAUNCHER = str(config.pop("launcher", os.environ.get("OSV_LAUNCHER", "none")))
+os.environ.update(OSV_LAUNCHER=LAUNCHER)
+# The commands read params.yaml, so the DAG must plan with exactly that file: --config and
+# --configfile would record params the work never used. And the whole validation gate (schema
+# and cross-key rules) runs here, before Snakemake plans anything or clears any output.
+if config != check_yaml_file("params.yaml"):
+    raise WorkflowError(
+        "--config/--configfile changed the params, but every osv command reads params.yaml: "
+        "edit params.yaml instead (the profile's `launcher` is the only config key allowed)"
+    )
+validate_config(config, "params.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -95,6 +95,20 @@ class StageCall:
         return self.fn(**self.kwargs)
 
 
+def pin_threads(params: dict, stage: str) -> int:
+    """CPU threads = resources.<stage>.cpus_per_task wherever the stage runs (in-process, Snakemake
+    job, `dvc repro`, SLURM job): the thread count changes float reduction order, so it is pinned
+    for the two front ends to give the same numbers. The Snakemake rules ask for the same threads."""
+    import torch
+
+    from osv.params import resources_for
+
+    n = resources_for(params, stage)["cpus_per_task"]
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+    return n
+
+
 def _use_allocated_cpus() -> None:
     """CPU threads = the job's cpus_per_task: sbatch exports the submitting environment,
     whose OMP_NUM_THREADS (Snakemake sets it to the rule's threads, 1) is not this job's."""
@@ -140,6 +154,7 @@ def run_stage(stage: str, fn: Callable, kwargs: dict, params: dict, checkpointab
     """Run fn(**kwargs) for `stage` where OSV_LAUNCHER says; return its (rank-0) result."""
     mode = launcher_mode()
     if mode == "none":
+        pin_threads(params, stage)
         return fn(**kwargs)
     from osv.params import resources_for
 

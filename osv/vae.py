@@ -232,7 +232,10 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
 def _command(args) -> int:
     from osv.params import load_params
 
+    from osv.launch import pin_threads
+
     params = load_params(args.params)
+    pin_threads(params, "vae")
     torch.manual_seed(params["seed"])
     r = make_vae(params, args.base, args.clips, args.out, args.metrics)
     print(f"osv vae: test PSNR {r['psnr_test_db']:.2f} dB (initial {r['psnr_init_db']:.2f} dB) -> {args.out}")

@@ -46,9 +46,11 @@ def dvc_stages() -> dict:
     with Repo(str(ROOT)) as repo:
         for stage in repo.index.stages:
             rule, _, key = stage.addressing.partition("@")
+            if rule == "check":  # DVC's validation gate; the Snakefile validates at parse time
+                continue
             stages[(rule, key or None)] = (
                 stage.cmd,
-                {str(d.def_path) for d in stage.deps if not d.def_path.endswith(".yaml")},
+                {str(d.def_path) for d in stage.deps if not d.def_path.endswith((".yaml", "params-valid"))},
                 {str(o.def_path) for o in stage.outs},
             )
     return stages

@@ -132,38 +132,63 @@ def test_snakemake_local_runs_every_run_and_method(tmp_path):
     report = json.loads((repo / "reports" / "metrics.json").read_text())
     assert set(report["methods"]) == set(params["eval"]["methods"])
     assert all(m["fvd"] >= 0 and m["nfe"] >= 1 for m in report["methods"].values())
-    vae_front = json.loads((repo / "metrics/train/abl_e_vae_disc.json").read_text())
+    from osv.provenance import read_metrics
+
+    vae_front = read_metrics(repo / "metrics/train/abl_e_vae_disc.json")
     assert vae_front["protocol"]["disc_front_end"] == "vae"
+
+
+def readme_block(title: str) -> list[str]:
+    """The command lines of the README's fenced bash block under `## title` (comments kept as lines)."""
+    text = (ROOT / "README.md").read_text().split(f"## {title}\n", 1)[1]
+    return text.split("```bash\n", 1)[1].split("```", 1)[0].strip().splitlines()
+
+
+def numeric_leaves(tree) -> list:
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in numeric_leaves(v)]
+    return [tree]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_dvc_versioning_across_commits_and_clones(tmp_path):
+    """The README's "Comparing runs across commits" block, run as written (the comment line is
+    the edit the test makes), then a fresh clone pulls every output."""
     params = smoke_params()
     repo = scratch_repo(tmp_path / "repo", params)
-    remote = tmp_path / "remote"
-    sh(["dvc", "remote", "add", "-d", "-f", "local", str(remote)], repo)
-    sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "run A: m = 5"], repo)
-    sh(["dvc", "push"], repo)
-
+    home = {"HOME": str(tmp_path / "home")}  # the README's default remote: ~/.cache/osv/dvc-remote
+    block = readme_block("Comparing runs across commits")
+    assert block[1].startswith("# change one thing, e.g. acd.m: 5 -> 1"), block
+    sh(["bash", "-c", block[0]], repo, env=home)
     params["acd"]["m"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(["dvc", "repro"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "run B: m = 1"], repo)
-    sh(["dvc", "push"], repo)
+    sh(["bash", "-c", block[2]], repo, env=home)
+    shown = {line.split("#")[0].strip(): sh(["bash", "-c", line.split("#")[0]], repo, env=home) for line in block[3:]}
+    assert len(shown) == 3 and not any("failed to load" in out for out in shown.values()), shown
 
     pdiff = json.loads(sh(["dvc", "params", "diff", "HEAD~1", "--json"], repo))
     assert (pdiff["params.yaml"]["acd.m"]["old"], pdiff["params.yaml"]["acd.m"]["new"]) == (5, 1)
-    mdiff = json.loads(sh(["dvc", "metrics", "diff", "HEAD~1", "--json"], repo))
+    mdiff = json.loads(sh(["dvc", "metrics", "diff", "HEAD~1", "--all", "--json"], repo))
+    want = (["metrics/vae.json", "metrics/teacher.json", "reports/metrics.json"]
+            + [f"metrics/train/{r}.json" for r in params["train"]["runs"]]
+            + [f"metrics/eval/{m}.json" for m in params["eval"]["methods"]])
+    assert set(want) <= set(mdiff), sorted(mdiff)
+    for f in want:  # both commits' values, for every metric
+        assert all(v.get("old") is not None and v.get("new") is not None for v in mdiff[f].values()), (f, mdiff[f])
+    assert "psnr_test_db" in mdiff["metrics/vae.json"] and "fvd" in mdiff["metrics/eval/osv_tts.json"]
     changed = {f for f, m in mdiff.items() for k, v in m.items() if v.get("diff")}
-    assert "metrics/eval/osv_tts.json" in changed, mdiff
+    assert "metrics/eval/osv_tts.json" in changed and "metrics/train/stage1.json" not in changed, mdiff
+    shown_metrics = json.loads(sh(["dvc", "metrics", "show", "--json"], repo))
+    leaves = numeric_leaves(shown_metrics)
+    assert leaves and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in leaves
+                          if x is not None and not isinstance(x, dict)), "dvc metrics show lists only numbers"
+    html = (repo / "dvc_plots" / "index.html").read_text()
+    assert "loss_distance" in html and "plots/train/stage2.csv" in html
 
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)
-    sh(["dvc", "pull"], clone)
+    sh(["dvc", "pull"], clone, env=home)
     for p in expected_outputs(params):
         assert (clone / p).exists(), p
     assert (clone / "runs" / "stage2").is_dir()

@@ -1,13 +1,20 @@
-# Shared names: the run and method lists of params.yaml, and model folder lookups.
-from osv.params import deep_merge
+# Shared names: the run and method lists of params.yaml, what each stage instance depends on
+# (osv/dependencies.py: the one definition dvc.yaml and the checkpoint fingerprint also use),
+# and model folder lookups.
+from osv.dependencies import code_files, params_keys, select
+from osv.params import deep_merge, resources_for
 
 PARAMS = "params.yaml"
 RUNS = list(config["train"]["runs"])
 METHODS = list(config["eval"]["methods"])
-# Threads of a stage that nothing runs beside (vae, encode, teacher): Snakemake lowers a rule's
-# threads to --cores and sets OMP_NUM_THREADS to the result. (workflow.cores would fail in
-# modes without --cores, such as --report.)
-ALL_CORES = 1024
+
+
+def stage_threads(stage):
+    """In-process stages use resources.<stage>.cpus_per_task threads, in every front end
+    (osv.launch.pin_threads); a rule that only submits a job and waits for it holds one."""
+    if LAUNCHER != "none":
+        return 1
+    return resources_for(config, stage)["cpus_per_task"]
 
 
 wildcard_constraints:
@@ -21,6 +28,13 @@ localrules:
     train,
     generate,
     fvd,
+
+
+def stage_params(stage):
+    """The params values a stage reads (Snakemake reruns the instances whose values changed)."""
+    if stage in ("train", "generate", "fvd"):
+        return lambda wc: select(config, params_keys(stage, wc.get("run", wc.get("method")), config))
+    return select(config, params_keys(stage))
 
 
 # A training step with the VAE-decoder discriminator front end (ablation e) costs about 8 of

@@ -2,11 +2,12 @@
 
 
 rule data:
+    input:
+        code=code_files("data"),
     output:
         directory("data/clips"),
     params:
-        seed=config["seed"],
-        data=config["data"],
+        deps=stage_params("data"),
     log:
         "logs/data.log",
     conda:
@@ -16,11 +17,12 @@ rule data:
 
 
 rule weights:
+    input:
+        code=code_files("weights"),
     output:
         directory("models/base"),
     params:
-        weights=config["weights"],
-        frames=config["data"]["frames"],
+        deps=stage_params("weights"),
     log:
         "logs/weights.log",
     conda:
@@ -33,14 +35,16 @@ rule vae:
     input:
         "models/base",
         "data/clips",
+        code=code_files("vae"),
     output:
         directory("models/vae"),
         metrics="metrics/vae.json",
+        provenance="metrics/vae.provenance.json",
     params:
-        vae=config["vae"],
+        deps=stage_params("vae"),
     log:
         "logs/vae.log",
-    threads: ALL_CORES
+    threads: stage_threads("vae")
     conda:
         "../envs/osv.yaml"
     shell:
@@ -53,15 +57,14 @@ rule encode:
         "data/clips",
         "models/base",
         "models/vae",
+        code=code_files("encode"),
     output:
         directory("data/latents"),
     params:
-        data=config["data"],
-        encode=config["encode"],
-        conditioning=config["conditioning"],
+        deps=stage_params("encode"),
     log:
         "logs/encode.log",
-    threads: ALL_CORES
+    threads: stage_threads("encode")
     conda:
         "../envs/osv.yaml"
     shell:

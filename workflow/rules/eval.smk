@@ -6,6 +6,7 @@ rule generate:
         "models/teacher",
         "data/latents",
         model=method_model,
+        code=code_files("generate"),
     output:
         report(
             directory("samples/{method}"),
@@ -15,9 +16,9 @@ rule generate:
             subcategory="{method}",
         ),
     params:
-        method=lambda wc: config["eval"]["methods"][wc.method],
-        eval={k: v for k, v in config["eval"].items() if k != "methods"},
+        deps=stage_params("generate"),
         model=method_model,
+    threads: stage_threads("generate")
     log:
         "logs/generate/{method}.log",
     conda:
@@ -32,10 +33,13 @@ rule fvd:
         "samples/{method}",
         "data/clips",
         "models/base",
+        code=code_files("fvd"),
     output:
         "metrics/eval/{method}.json",
+        "metrics/eval/{method}.provenance.json",
     params:
-        eval={k: v for k, v in config["eval"].items() if k != "methods"},
+        deps=stage_params("fvd"),
+    threads: stage_threads("fvd")
     log:
         "logs/fvd/{method}.log",
     conda:
@@ -51,14 +55,16 @@ rule report:
         expand("plots/train/{run}.csv", run=RUNS),
         "metrics/vae.json",
         "metrics/teacher.json",
+        code=code_files("report"),
     output:
         report("reports/results.md", caption="../report/results.rst", category="Results"),
         report("reports/fvd_vs_nfe.png", caption="../report/fvd_vs_nfe.rst", category="Results"),
         report("reports/train_curves.png", caption="../report/train_curves.rst", category="Training"),
         "reports/metrics.json",
+        "reports/metrics.provenance.json",
         "plots/fvd_vs_nfe.csv",
     params:
-        methods=config["eval"]["methods"],
+        deps=stage_params("report"),
     log:
         "logs/report.log",
     conda:

@@ -6,16 +6,17 @@ rule teacher:
         "models/base",
         "models/vae",
         "data/latents",
+        code=code_files("teacher"),
     output:
         directory("models/teacher"),
         metrics="metrics/teacher.json",
+        provenance="metrics/teacher.provenance.json",
         plots="plots/teacher.csv",
     params:
-        teacher=config["teacher"],
-        sde=config["sde"],
+        deps=stage_params("teacher"),
     log:
         "logs/teacher.log",
-    threads: ALL_CORES
+    threads: stage_threads("teacher")
     conda:
         "../envs/osv.yaml"
     shell:
@@ -28,16 +29,17 @@ rule train:
         "models/teacher",
         "data/latents",
         init=init_folder,
+        code=code_files("train"),
     output:
         ckpt=directory("runs/{run}"),
         model=directory("models/{run}"),
         metrics="metrics/train/{run}.json",
+        provenance="metrics/train/{run}.provenance.json",
         plots="plots/train/{run}.csv",
     params:
-        run=lambda wc: config["train"]["runs"][wc.run],
-        stages={k: config[k] for k in ("sde", "conditioning", "student", "disc", "lgp", "acd")},
-        train={k: v for k, v in config["train"].items() if k != "runs"},
+        deps=stage_params("train"),
         init=init_folder,
+    threads: stage_threads("train")
     priority: train_priority
     log:
         "logs/train/{run}.log",
