@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
 from osv.hub import sha256_file
+from osv.numerics import NonFiniteError, injected, require_finite
 
 FRAME_CHUNK = 16  # frames per VAE call: bounds memory at paper resolution
 CLIP_SIZE = 224  # SVD's _encode_image resizes the conditioning frame to 224 x 224
@@ -144,8 +145,9 @@ def reusable(path: Path, fp: str, old: dict | None) -> str | None:
     return digest
 
 
-def encode_shard(models, clips: Path, rows, ids, params, width, height, device, path: Path, fp: str) -> str:
-    """Write the shard; return its SHA-256."""
+def encode_shard(models, clips: Path, rows, ids, params, width, height, device, path: Path, fp: str,
+                 first: int = 0) -> str:
+    """Write the shard (its clips start at `first` in the group); return its SHA-256."""
     from safetensors.torch import save_file
 
     bs = params["encode"]["batch_size"]
@@ -153,6 +155,10 @@ def encode_shard(models, clips: Path, rows, ids, params, width, height, device, 
     for i in range(0, len(rows), bs):
         frames = load_frames(clips, rows[i:i + bs], params, width, height)
         parts.append(encode_batch(models, frames, ids[i:i + bs], params, device))
+        batch = (first + i) // bs  # batch index within the split/resolution group
+        require_finite("encode", {"latents": parts[-1]["latents"] * injected("encode", batch),
+                                  "cond_latents": parts[-1]["cond_latents"]}, step=batch,
+                       hint=f"clips {ids[i:i + bs]}; {path} not written")
     tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with atomic_path(path, suffix=".safetensors") as tmp:
         # One metadata key: safetensors orders several keys differently from run to run.
@@ -183,7 +189,7 @@ def encode_group(models, clips: Path, out: Path, params: dict, split: str, width
         if digest:
             counts["skipped"] += 1
         else:
-            digest = encode_shard(models, clips, chunk, ids, params, width, height, device, path, fp)
+            digest = encode_shard(models, clips, chunk, ids, params, width, height, device, path, fp, k)
             counts["encoded"] += 1
         shards.append({"file": path.name, "clip_ids": ids, "count": len(ids), "fingerprint": fp,
                        "sha256": digest})
@@ -227,9 +233,14 @@ def encode_all(params: dict, clips: str, base: str, vae: str, out: str) -> dict:
         previous = json.loads((out / "index.json").read_text())["groups"]
     except (OSError, ValueError, KeyError):
         previous = {}
-    entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
-                                                 previous.get(group_name(s, w, h)))
-               for s, w, h in groups(params)}
+    try:
+        entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
+                                                     previous.get(group_name(s, w, h)))
+                   for s, w, h in groups(params)}
+    except NonFiniteError:  # an earlier run's index would make this failed one look complete
+        for name in ("index.json", "stats.json"):
+            (out / name).unlink(missing_ok=True)
+        raise
     index = {"frames": params["data"]["frames"], "fps": params["data"]["fps"],
              "scaling_factor": float(models["vae"].config.scaling_factor),
              "noise_aug_strength": params["conditioning"]["noise_aug_strength"],

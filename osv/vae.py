@@ -230,9 +230,8 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
 
 
 def _command(args) -> int:
-    from osv.params import load_params
-
     from osv.launch import pin_threads
+    from osv.params import load_params
 
     params = load_params(args.params)
     pin_threads(params, "vae")

@@ -126,7 +126,7 @@ def stale(repo: Path, edit) -> set[str]:
         edit(repo)
         out = subprocess.run([BIN / "dvc", "status", "--json"], cwd=repo, env=ENV, capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
-        return set(json.loads(out.stdout)) - {"check"}  # the validation gate always runs
+        return set(json.loads(out.stdout)) - {"check"}  # the validation gate runs on every params edit
     finally:
         for p, data in saved.items():
             p.write_bytes(data)

@@ -157,7 +157,9 @@ def test_dvc_versioning_across_commits_and_clones(tmp_path):
     the edit the test makes), then a fresh clone pulls every output."""
     params = smoke_params()
     repo = scratch_repo(tmp_path / "repo", params)
-    home = {"HOME": str(tmp_path / "home")}  # the README's default remote: ~/.cache/osv/dvc-remote
+    # The README's default remote is ~/.cache/osv/dvc-remote; a user's shell has no thread limit
+    # (sh() sets OMP_NUM_THREADS=1), so each stage must pin its own threads (resources.*.cpus_per_task).
+    home = {"HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}
     block = readme_block("Comparing runs across commits")
     assert block[1].startswith("# change one thing, e.g. acd.m: 5 -> 1"), block
     sh(["bash", "-c", block[0]], repo, env=home)
@@ -185,6 +187,17 @@ def test_dvc_versioning_across_commits_and_clones(tmp_path):
                           if x is not None and not isinstance(x, dict)), "dvc metrics show lists only numbers"
     html = (repo / "dvc_plots" / "index.html").read_text()
     assert "loss_distance" in html and "plots/train/stage2.csv" in html
+
+    # Same params, same numbers, whichever front end: stage 1 again through Snakemake (1 thread
+    # per job there) gives DVC's weights bit for bit.
+    dvc_weights = {p.name: p.read_bytes() for p in (repo / "models" / "stage1").rglob("*.safetensors")}
+    dvc_metrics = json.loads((repo / "metrics" / "train" / "stage1.json").read_text())
+    shutil.move(repo / "runs" / "stage1", tmp_path / "dvc_stage1_ckpt")
+    sh(["snakemake", "--profile", "local", "--forcerun", "train", "--allowed-rules", "train", "--",
+        "models/stage1"], repo)
+    assert {p.name: p.read_bytes() for p in (repo / "models" / "stage1").rglob("*.safetensors")} == dvc_weights
+    snake_metrics = json.loads((repo / "metrics" / "train" / "stage1.json").read_text())
+    assert snake_metrics["final"] == dvc_metrics["final"]
 
     clone = tmp_path / "clone"
     sh(["git", "clone", "-q", str(repo), str(clone)], tmp_path)

@@ -175,3 +175,18 @@ def test_rerun_encodes_damaged_shards_again(setup, damaged):
     assert result["encoded"] == 2
     assert shard.read_bytes() == (tmp / "a" / shard.relative_to(root)).read_bytes()
     assert read_index(root) == read_index(tmp / "a")
+
+
+def test_nan_latents_stop_encode_before_the_shard_and_index(setup, damaged, monkeypatch):
+    """A NaN in batch 1 of train/64x32 (its shard 1, missing here): no shard 1, and the earlier
+    complete run's index.json and stats.json go too, so the folder does not look complete."""
+    from osv.numerics import INJECT_ENV, NonFiniteError
+
+    params, tmp, _ = setup
+    root, _ = damaged
+    missing = root / "train/64x32/shard-00001.safetensors"
+    missing.unlink()
+    monkeypatch.setenv(INJECT_ENV, "encode:1")
+    with pytest.raises(NonFiniteError, match=r"^osv encode: non-finite latents at step 1 \(latents=nan\)"):
+        enc.encode_all(params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"), str(root))
+    assert not missing.exists() and not (root / "index.json").exists() and not (root / "stats.json").exists()

@@ -22,7 +22,9 @@ from osv.eval.features import (
     video_extractor,
 )
 from osv.eval.frechet import frechet_distance, frechet_from_features, gaussian_stats
+from osv.numerics import INJECT_ENV
 from osv.params import load_params
+from osv.provenance import provenance_path, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 T = 8
@@ -245,8 +247,18 @@ def test_evaluate_method_writes_metric_json(tmp_path, real_halves):
     out = tmp_path / "metrics" / "eval" / "osv_tts.json"
     result = evaluate_method(params, "osv_tts", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
                              str(out), cache_dir=str(tmp_path / "features"), device="cpu")
-    saved = json.loads(out.read_text())
+    saved = read_metrics(out)
     assert saved == json.loads(json.dumps(result))
+    numbers = json.loads(out.read_text())
+    assert numbers["fvd"] == saved["fvd"] and "method" not in numbers and "warnings" not in numbers
+
+    def leaves(d):
+        return [x for v in d.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in leaves(numbers)), numbers
+    prov = json.loads(provenance_path(out).read_text())
+    assert {"commit", "dirty", "params_sha256", "precision", "cpu"} <= set(prov)
+    assert prov["stage"] == "fvd" and prov["instance"] == "osv_tts" and prov["precision"] == "fp32"
     assert saved["fvd"] > 0 and saved["fid"] > 0 and saved["nfe"] == 2 and saved["sec_per_video"] == 0.5
     proto = saved["protocol"]
     assert proto["fvd_backbone"] == "stand-in: rand3d-motion-v1, seed 0"
@@ -303,13 +315,39 @@ def test_osv_fvd_command_through_run_stage(tmp_path, real_halves, monkeypatch):
             "--out", str(tmp_path / "teacher_25.json"), "--cache-dir", "", "--device", "cpu"]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
-    saved = json.loads((tmp_path / "teacher_25.json").read_text())
+    saved = read_metrics(tmp_path / "teacher_25.json")
     assert saved["method"] == "teacher_25" and saved["nfe"] == 50 and saved["fvd"] > 0
     from osv.params import ParamsError
 
     bad = parser.parse_args([*argv[:4], "nope", *argv[5:]])
     with pytest.raises(ParamsError, match="nope"):
         bad.func(bad)
+
+
+def test_nan_fvd_exits_3_and_writes_no_metrics(tmp_path, real_halves, monkeypatch, capsys):
+    import yaml
+
+    from osv.cli import main
+    from osv.video import write_mp4
+
+    monkeypatch.delenv("OSV_LAUNCHER", raising=False)
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 4
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    a, b = real_halves
+    write_clip_set(tmp_path / "clips", a[:4], params["data"]["fps"])
+    for i, clip in enumerate(b[:4]):
+        write_mp4(tmp_path / "samples" / f"clip-{i:04d}.mp4", clip, params["data"]["fps"])
+    (tmp_path / "samples" / "meta.json").write_text(json.dumps({"nfe": 1, "sec_per_video": 0.1}))
+    out = tmp_path / "metrics" / "osv_1.json"
+    monkeypatch.setenv(INJECT_ENV, "fvd:0")
+    assert main(["fvd", "--params", str(tmp_path / "params.yaml"), "--method", "osv_1", "--samples",
+                 str(tmp_path / "samples"), "--clips", str(tmp_path / "clips"), "--base", str(tmp_path / "base"),
+                 "--out", str(out), "--cache-dir", "", "--device", "cpu"]) == 3
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
+    assert len(lines) == 1 and lines[0].startswith("osv fvd: non-finite metric fvd=nan") and str(out) in lines[0]
+    assert not out.exists() and not provenance_path(out).exists()
 
 
 def test_inception_refuses_to_download(tmp_path, monkeypatch):

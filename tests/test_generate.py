@@ -65,3 +65,14 @@ def test_pipeline_entry_point(workspace):
     assert pipe(Image.fromarray(image), sampler="consistency", steps=2).nfe == 2
     pipe.save_mp4(a.frames, root / "video.mp4")
     assert read_frames(root / "video.mp4")[0].shape == a.frames.shape
+
+
+def test_nan_latents_stop_generate_without_samples(workspace, monkeypatch):
+    from osv.numerics import INJECT_ENV, NonFiniteError
+
+    params, ws, student, root = workspace
+    out = root / "samples" / "nan"
+    monkeypatch.setenv(INJECT_ENV, "generate:1")  # the second of two batches (3 clips, batch 2)
+    with pytest.raises(NonFiniteError, match=r"^osv generate: non-finite latents at step 1 \(latents=nan\)"):
+        generate(params, "osv_1", str(ws["teacher"]), str(student), str(ws["latents"]), str(out))
+    assert not out.exists() and not list(out.parent.glob(".nan.*"))

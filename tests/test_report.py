@@ -14,6 +14,7 @@ from PIL import Image
 from osv.eval.previews import make_previews
 from osv.eval.report import split_by_protocol, write_report
 from osv.params import load_params
+from osv.provenance import provenance_path, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PROTOCOL = {"fvd_backbone": "stand-in: rand3d-motion-v1, seed 0", "fid_backbone": "stand-in: rand2d-v1, seed 0",
@@ -139,8 +140,9 @@ def test_report_tables_protocols_and_plots(project):
     for png in ("fvd_vs_nfe.png", "train_curves.png"):
         with Image.open(root / "reports" / png) as im:
             assert im.size[0] > 100
-    summary = json.loads((root / "reports" / "metrics.json").read_text())
+    summary = read_metrics(root / "reports" / "metrics.json")
     assert summary["methods"]["osv_1"]["fvd"] == 300.0 and summary["other_protocol"] == ["osv_tts"]
+    assert json.loads(provenance_path(root / "reports" / "metrics.json").read_text())["stage"] == "report"
     assert "Runs: stage1, stage2" in text
 
 

@@ -9,6 +9,7 @@ docs/design.md format (random latents; shapes are what matters here).
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,20 @@ def write_latents(root: Path, params: dict, n_train: int = 6, n_test: int = 4, s
              "groups": groups}
     (root / "index.json").write_text(json.dumps(index))
     (root / "stats.json").write_text(json.dumps(stats))
+
+
+def assert_numbers_only(path: Path) -> dict:
+    """A metric file: every leaf a number; its provenance beside it says what made them. Returns the provenance."""
+    from osv.provenance import provenance_path
+
+    def leaves(d):
+        return [x for v in d.values() for x in (leaves(v) if isinstance(v, dict) else [v])]
+
+    values = leaves(json.loads(path.read_text()))
+    assert values and all(isinstance(v, int | float) and not isinstance(v, bool) for v in values), path
+    prov = json.loads(provenance_path(path).read_text())
+    assert {"commit", "dirty", "params_sha256", "precision", "cpu"} <= set(prov), prov
+    return prov
 
 
 def ensure_latent_dataset() -> None:
@@ -135,6 +150,23 @@ def test_teacher_training_improves_heldout_numbers(trained):
         load_file(str(ws["vae"] / "diffusion_pytorch_model.safetensors")).keys()
     rows = (root / "plots/teacher.csv").read_text().splitlines()
     assert rows[0].startswith("step,loss") and len(rows) >= params["teacher"]["steps"] + 2
+    prov = assert_numbers_only(ws["teacher_metrics"])
+    assert prov["stage"] == "teacher" and prov["precision"] == "fp32" and prov["results"]["trained"] is True
+
+
+def test_nan_in_teacher_training_stops_and_writes_nothing(trained, tmp_path, monkeypatch):
+    from osv.numerics import INJECT_ENV, NonFiniteError
+    from osv.provenance import provenance_path
+    from osv.train.teacher import teacher_run
+
+    root, params, ws = trained
+    step = random.Random(0).randrange(params["teacher"]["steps"])
+    monkeypatch.setenv(INJECT_ENV, f"teacher:{step}")
+    out, metrics = tmp_path / "teacher", tmp_path / "teacher.json"
+    with pytest.raises(NonFiniteError, match=rf"^osv teacher: non-finite loss at step {step} \(loss=nan\)"):
+        teacher_run(params, str(ws["base"]), str(ws["vae"]), str(ws["latents"]), str(out), str(metrics),
+                    str(tmp_path / "teacher.csv"))
+    assert not out.exists() and not metrics.exists() and not provenance_path(metrics).exists()
 
 
 def test_stage1_then_stage2_export_loads_and_samples(trained):
@@ -167,30 +199,54 @@ def test_stage1_then_stage2_export_loads_and_samples(trained):
 
     rows = (root / "plots/train/stage2.csv").read_text().splitlines()
     assert rows[0].split(",") == TRAIN_COLUMNS and len(rows) == params["acd"]["steps"] + 1
-    metrics = json.loads((root / "metrics/train/stage2.json").read_text())
+    from osv.dependencies import fingerprint
+    from osv.provenance import read_metrics
+
+    metrics = read_metrics(root / "metrics/train/stage2.json")
     assert metrics["protocol"]["weights"] == "small models built from configs"
     assert metrics["protocol"]["init"] == "stage1" and result["final"]["loss_distance"] >= 0
+    prov = assert_numbers_only(root / "metrics/train/stage2.json")
+    assert prov["precision"] == "fp32" and prov["instance"] == "stage2"
+    assert prov["params_sha256"] == fingerprint(run_params(params, "stage2"), "train", "stage2") == sampler["run"][
+        "params_sha256"]
 
 
-def test_nan_stops_run_and_last_checkpoint_loads(trained, monkeypatch):
+def test_nan_stops_run_and_last_checkpoint_loads(trained, tmp_path, monkeypatch, capsys):
+    """`osv train` exits 3 with one line naming the step, keeps the last good checkpoint and writes no
+    export or metrics; a rerun under other resources/eval settings resumes from that checkpoint."""
+    from osv.cli import main
+    from osv.numerics import INJECT_ENV
+    from osv.provenance import provenance_path
     from osv.train.checkpoint import latest_checkpoint, load_checkpoint
-    from osv.train.loop import INJECT_NAN_ENV, NonFiniteLossError
 
     root, params, ws = trained
+    run = "abl_d_stage1_noadv"
     params = tiny_params({"lgp": {"steps": 5, "lambda_adv": 0.0}, "train": {"checkpoint_every": 2}})
-    monkeypatch.setenv(INJECT_NAN_ENV, "3")
-    with pytest.raises(NonFiniteLossError, match="non-finite loss loss_g at step 3"):
-        train(params, ws, root, "abl_d_stage1_noadv")
-    last = latest_checkpoint(root / "runs/abl_d_stage1_noadv")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out, metrics = root / "models" / run, root / f"metrics/train/{run}.json"
+    monkeypatch.delenv("OSV_LAUNCHER", raising=False)
+    monkeypatch.setenv(INJECT_ENV, "train:3")
+    argv = ["train", "--params", str(tmp_path / "params.yaml"), "--run", run, "--teacher", str(ws["teacher"]),
+            "--init", str(ws["teacher"]), "--latents", str(ws["latents"]), "--ckpt", str(root / "runs" / run),
+            "--out", str(out), "--metrics", str(metrics), "--plots", str(root / f"plots/train/{run}.csv")]
+    assert main(argv) == 3
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
+    assert len(lines) == 1 and lines[0].startswith("osv train: non-finite loss_g at step 3 (loss_g=nan)"), lines
+    last = latest_checkpoint(root / "runs" / run)
     assert last is not None and last.name == "step-0000002"
     weights, state, _ = load_checkpoint(last)
     assert state["step"] == 2 and weights["student"] and not weights["disc"]
     assert all(torch.isfinite(v).all() for v in weights["student"].values())
-    assert not (root / "models/abl_d_stage1_noadv").exists()
-    # the run resumes from that checkpoint and finishes once the NaN is gone
-    monkeypatch.delenv(INJECT_NAN_ENV)
-    train(params, ws, root, "abl_d_stage1_noadv")
-    assert latest_checkpoint(root / "runs/abl_d_stage1_noadv").name == "step-0000005"
+    assert not out.exists() and not metrics.exists() and not provenance_path(metrics).exists()
+    # the run resumes from that checkpoint and finishes once the NaN is gone; settings no run reads
+    # (resources, eval) do not set its checkpoints aside
+    monkeypatch.delenv(INJECT_ENV)
+    params = tiny_params({"lgp": {"steps": 5, "lambda_adv": 0.0}, "train": {"checkpoint_every": 2},
+                          "resources": {"train": {"mem_gb": 5}}, "eval": {"num_clips": 7}})
+    train(params, ws, root, run)
+    assert latest_checkpoint(root / "runs" / run).name == "step-0000005"
+    assert not (root / "runs" / run / "stale").exists()
+    assert assert_numbers_only(metrics)["precision"] == "fp32"
 
 
 def test_cli_parses_train_and_teacher():

@@ -4,8 +4,9 @@ Real clips: the first eval.num_clips test clips of data/clips/manifest.csv, load
 with osv.video.load_clip at data.frames / data.fps / data.resolution (the one
 definition of a clip). Generated: samples/M/*.mp4 in name order. Video features
 come from eval.fvd_backbone, frame features (all frames of all clips) from
-eval.fid_backbone (see osv.eval.features). The metric JSON carries the whole
-protocol, so numbers are only ever compared with numbers made the same way.
+eval.fid_backbone (see osv.eval.features). The metric JSON holds the numbers, its
+provenance file beside it the whole protocol, so numbers are only ever compared with
+numbers made the same way.
 """
 
 from __future__ import annotations
@@ -131,9 +132,10 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
     """Compute FVD and FID for one method and write the metric JSON atomically; return it."""
     import torch
 
-    from osv.atomic import write_json
     from osv.eval.features import clip_features, frame_extractor, video_extractor
     from osv.eval.frechet import frechet_from_features
+    from osv.numerics import injected
+    from osv.provenance import record, require_finite_metrics, write_metrics
     from osv.video import load_clip, read_frames
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -153,15 +155,16 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
                         cache_dir, desc=f"{method} clips")
     result = {
         "method": method,
-        "fvd": frechet_from_features(real["video"], gen["video"]),
+        "fvd": frechet_from_features(real["video"], gen["video"]) * injected("fvd", 0),
         "fid": frechet_from_features(real["frame"], gen["frame"]),
         "nfe": meta["nfe"],
         "sec_per_video": meta["sec_per_video"],
         "protocol": build_protocol(params, video_ext, frame_ext, len(real_paths), len(gen_paths), meta),
         "warnings": protocol_warnings(len(real_paths), len(gen_paths), video_ext.dim),
     }
+    require_finite_metrics("fvd", result, out)  # before the DINOv2 pass: a NaN FVD is not worth it
     result["dinov2_mse"] = dinov2_mse(params, base, clips, gen_paths, meta, load_real, load_gen, device)
-    write_json(out, result)
+    write_metrics(out, result, record(params, "fvd", method, precision="fp32", device=torch.device(device).type))
     return result
 
 

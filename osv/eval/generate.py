@@ -20,6 +20,7 @@ from osv import models
 from osv.atomic import atomic_path, write_json
 from osv.conditioning import from_batch
 from osv.launch import run_stage
+from osv.numerics import injected, require_finite
 from osv.params import load_params
 from osv.samplers import consistency_sample, decode_latents, teacher_sample, tts_sample
 from osv.sde import Denoiser, unet_network
@@ -82,6 +83,8 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
             generator = torch.Generator(device).manual_seed(ev["seed"] * 100_003 + b)
             t0 = time.perf_counter()
             result = sample(method, denoiser, cond, batch["latents"].shape, generator, params)
+            require_finite("generate", {"latents": result.latents * injected("generate", b)}, step=b,
+                           hint=f"clips {clip_ids[-len(items):]}; {out} not written")
             frames = decode_latents(vae, result.latents, chunk=data["frames"])
             seconds += time.perf_counter() - t0
             nfe.add(result.nfe)

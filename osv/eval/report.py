@@ -46,12 +46,15 @@ def main(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- metrics and protocols
 
 def load_metrics(metrics_dir: str | Path, methods: dict) -> dict[str, dict]:
-    """metrics/eval/<method>.json for every method of eval.methods that has one."""
+    """metrics/eval/<method>.json (with its provenance's protocol and warnings) for every method of
+    eval.methods that has one."""
+    from osv.provenance import read_metrics
+
     out = {}
     for name in methods:
         path = Path(metrics_dir) / "eval" / f"{name}.json"
         if path.exists():
-            data = json.loads(path.read_text())
+            data = read_metrics(path)
             for key in ("fvd", "nfe", "protocol"):
                 if key not in data:
                     raise KeyError(f"{path}: missing key '{key}'")
@@ -314,8 +317,9 @@ def other_metrics_section(metrics_dir: Path) -> str:
 # ---------------------------------------------------------------- the report
 
 def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> Path:
-    from osv.atomic import write_json, write_text
+    from osv.atomic import write_text
     from osv.paper import PAPER_PROTOCOL
+    from osv.provenance import record, write_metrics
 
     metrics_dir, samples_dir, plots_dir, out = map(Path, (metrics_dir, samples_dir, plots_dir, out_dir))
     methods = params["eval"]["methods"]
@@ -325,8 +329,8 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> 
                      reference)
     runs = write_train_curves(plots_dir / "train", out / "train_curves.png")
     summary = {n: {k: m.get(k) for k in ("fvd", "fid", "nfe", "sec_per_video")} for n, m in same.items()}
-    write_json(out / "metrics.json", {"protocol": reference, "methods": summary,
-                                      "other_protocol": sorted(other)})
+    write_metrics(out / "metrics.json", {"protocol": reference, "methods": summary, "other_protocol": sorted(other)},
+                  record(params, "report", precision="n/a (copies the fvd stage's numbers)"))
     curves = ("![training curves](train_curves.png)\n\nRuns: " + ", ".join(runs)) if runs else \
         f"No training curves found in {plots_dir / 'train'}."
     text = f"""# OSV reproduction: results

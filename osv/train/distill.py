@@ -12,11 +12,11 @@ Each iteration: one discriminator step, one student step, one EMA update.
        D: hinge(D(y), D(ŷ.detach()));  G: λ_adv·g_loss(D(ŷ)) + λ(σ_n)·d(y, ŷ).
 λ(σ_n) uses the gap σ_{n+m} − σ_n that the student's jump spans (the AnimateLCM gap for m = 1).
 λ_adv = 0 builds no discriminator at all (ablation d). Stage 1 keeps an EMA too (decay
-acd.ema_decay), so that stage 2 starts from stage 1's student, EMA and discriminator.
+lgp.ema_decay), so that stage 2 starts from stage 1's student, EMA and discriminator.
 
 Randomness of iteration `step` comes from generators seeded by (seed, step, global sample
 index) (osv.train.loop), so resume is exact and the global batch splits over ranks freely.
-Test hooks (environment): OSV_INJECT_NAN_AT_STEP=k makes the generator loss of iteration k NaN;
+Test hooks (environment): OSV_INJECT_NAN=train:k makes the generator loss of iteration k NaN;
 OSV_SIGNAL_AT_STEP=k makes the process send itself SIGTERM before iteration k (checkpoint + stop).
 """
 
@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
-import json
+import math
 import os
 import signal
 import time
@@ -230,8 +229,9 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
 
     from osv.conditioning import from_batch
     from osv.losses import d_hinge_loss, g_loss
+    from osv.numerics import injected
     from osv.train.distributed import any_flag, average_gradients
-    from osv.train.loop import NonFiniteLossError, check_finite, nan_injection
+    from osv.train.loop import NonFiniteLossError, check_finite
 
     cfg, clip = params[stage], params["train"]["grad_clip"]
     x0 = batch["latents"].float()
@@ -244,14 +244,14 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
 
     def guard(losses):
         try:
-            check_finite(losses, state.step, state.last_checkpoint)
+            check_finite("train", losses, state.step, state.last_checkpoint)
             bad = False
         except NonFiniteLossError:
             bad = True
         if any_flag(bad, env):
-            check_finite(losses, state.step, state.last_checkpoint)  # this rank's values, if bad here
-            raise NonFiniteLossError(f"non-finite loss on another rank at step {state.step}; stopping without "
-                                     f"checkpointing (last good checkpoint: {state.last_checkpoint})")
+            check_finite("train", losses, state.step, state.last_checkpoint)  # this rank's values, if bad here
+            raise NonFiniteLossError(f"osv train: non-finite loss on another rank at step {state.step}; stopping "
+                                     f"without checkpointing (last good checkpoint: {state.last_checkpoint})")
 
     if nets.disc is not None:  # discriminator step
         set_requires_grad(d_params, True)
@@ -268,7 +268,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
                    logits_real_mean=float(real_l.mean()), logits_fake_mean=float(fake_l.mean()))
         set_requires_grad(d_params, False)  # the G step backpropagates through D, not into it
     loss_distance = distance.mean()
-    loss_g = loss_distance * nan_injection(state.step)
+    loss_g = loss_distance * injected("train", state.step)
     if nets.disc is not None:
         with prec.autocast():
             adv = g_loss(nets.disc(fake), cfg["generator_loss"])
@@ -280,7 +280,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
     g_params = list(nets.trainable.values())
     average_gradients(g_params, env)
     log["grad_norm_g"], _ = prec.step(state.opt_g, g_params, clip)
-    ema_update(nets, params["acd"]["ema_decay"])
+    ema_update(nets, cfg["ema_decay"])
     log["loss_distance"] = float(loss_distance.detach())
     return log
 
@@ -288,7 +288,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save(run_dir, nets: Nets, state: State, prec, curve, params: dict) -> Path:
+def save(run_dir, nets: Nets, state: State, prec, curve, params: dict, run: str) -> Path:
     from osv.train.checkpoint import rng_state, save_checkpoint
 
     weights = {"student": {n: p.detach() for n, p in nets.trainable.items()}, "ema": nets.ema,
@@ -298,17 +298,17 @@ def save(run_dir, nets: Nets, state: State, prec, curve, params: dict) -> Path:
                   "scaler": prec.scaler.state_dict(), "overflow_count": prec.overflow_count,
                   "rng": rng_state(), "data_order": state.data_order}
     return save_checkpoint(run_dir, state.step, weights, ckpt_state, params["train"]["keep_last"],
-                           {"curves.csv": curve.to_csv(), "params.sha256": params_hash(params)})
+                           {"curves.csv": curve.to_csv(), "params.sha256": run_fingerprint(params, run)})
 
 
-def resume(run_dir, nets: Nets, state: State, prec, columns, params: dict) -> object:
+def resume(run_dir, nets: Nets, state: State, prec, columns, params: dict, run: str) -> object:
     """Load the newest complete checkpoint made under these params (if any) into nets/state;
     return the curve so far."""
     from osv.student import load_trainable_state_dict
     from osv.train.checkpoint import load_latest_good, set_aside_stale, set_rng_state
     from osv.train.logging import Curve
 
-    stale = set_aside_stale(run_dir, params_hash(params))
+    stale = set_aside_stale(run_dir, run_fingerprint(params, run))
     if stale is not None:
         print(f"checkpoints in {run_dir} were made under other params: moved to {stale}, starting fresh", flush=True)
     path, loaded = load_latest_good(run_dir)
@@ -357,7 +357,7 @@ def train_run(params: dict, run: str, teacher: str, init: str, latents: str, ckp
     state = State()
     state.opt_g, state.opt_d = make_optimizers(nets, cfg)
     prec = Precision(params["train"]["precision"], env.device)
-    curve = resume(ckpt, nets, state, prec, TRAIN_COLUMNS, params)
+    curve = resume(ckpt, nets, state, prec, TRAIN_COLUMNS, params, run)
     data = Data(params, latents, stage, env, env.device)
     sde = params["sde"]
     sigmas = karras_sigmas(sde["num_sigmas"], sde["sigma_min"], sde["sigma_max"], sde["rho"]).float().to(env.device)
@@ -371,7 +371,7 @@ def train_run(params: dict, run: str, teacher: str, init: str, latents: str, ckp
                 os.kill(os.getpid(), signal.SIGTERM)
             if any_flag(stop.received is not None, env):
                 if env.is_main:
-                    state.last_checkpoint = save(ckpt, nets, state, prec, curve, params)
+                    state.last_checkpoint = save(ckpt, nets, state, prec, curve, params, run)
                 print(f"{run}: signal received, checkpoint at step {state.step} ({state.last_checkpoint}); "
                       "stopping", flush=True)
                 stop.chain()  # submitit's USR2 handler requeues and exits here
@@ -386,12 +386,13 @@ def train_run(params: dict, run: str, teacher: str, init: str, latents: str, ckp
             bar.set_postfix(dist=f"{log['loss_distance']:.4f}", d=f"{log['loss_d_real'] + log['loss_d_fake']:.3f}")
             bar.update(1)
             if state.step % params["train"]["checkpoint_every"] == 0 and state.step < cfg["steps"] and env.is_main:
-                state.last_checkpoint = save(ckpt, nets, state, prec, curve, params)
+                state.last_checkpoint = save(ckpt, nets, state, prec, curve, params, run)
         bar.close()
         seconds = time.time() - t0
         result = finish(params, run, spec, nets, state, prec, curve, ckpt, out, metrics, plots, env,
                         seconds, state.step - start, teacher)
     finally:
+        bar.close()  # an error message then starts on its own line
         stop.restore()
         shutdown(env)
     return result
@@ -400,35 +401,42 @@ def train_run(params: dict, run: str, teacher: str, init: str, latents: str, ckp
 def finish(params, run, spec, nets, state, prec, curve, ckpt, out, metrics, plots, env, seconds, steps_here,
            teacher) -> dict:
     """Final checkpoint, export, curves and metrics (rank 0)."""
+    from osv.numerics import require_finite_module
+    from osv.provenance import record, require_finite_metrics, write_metrics
+    from osv.train.checkpoint import latest_checkpoint
     from osv.train.export import export_run
-    from osv.train.logging import write_metrics
 
     if not env.is_main:
         return {}
-    from osv.train.checkpoint import latest_checkpoint
-
-    latest = latest_checkpoint(ckpt)
-    if latest is None or not latest.name.endswith(f"{state.step:07d}"):
-        state.last_checkpoint = save(ckpt, nets, state, prec, curve, params)
-    info = {"run": run, "stage": spec["stage"], "init": spec["init"], "step": state.step,
-            "params_sha256": params_hash(params)}
-    export_run(out, nets.student, nets.ema, nets.disc.trainable_state_dict() if nets.disc else None, params, info)
-    curve.write(plots)
-    final = {k: curve.last(k, window=10) for k in curve.columns if k not in ("step", "lr")}
+    # No rows (train steps 0): no numbers rather than NaNs, which write_metrics refuses.
+    final = {k: curve.last(k, window=10) for k in curve.columns if k not in ("step", "lr") and curve.rows}
     result = {"run": run, "final": final, "overflow_count": prec.overflow_count,
               "seconds": round(seconds, 1), "sec_per_step": round(seconds / max(steps_here, 1), 3),
-              "protocol": protocol(params, run, spec, env, teacher)}
-    write_metrics(metrics, result)
-    print(f"{run}: {state.step} steps, distance {final['loss_distance']:.4g}, exported to {out} "
+              "protocol": protocol(params, run, spec, env, teacher, prec)}
+    require_finite_module("train", nets.student, f"the student of {run}")
+    require_finite_metrics("train", result, metrics)
+    latest = latest_checkpoint(ckpt)
+    if latest is None or not latest.name.endswith(f"{state.step:07d}"):
+        state.last_checkpoint = save(ckpt, nets, state, prec, curve, params, run)
+    info = {"run": run, "stage": spec["stage"], "init": spec["init"], "step": state.step,
+            "params_sha256": run_fingerprint(params, run)}
+    export_run(out, nets.student, nets.ema, nets.disc.trainable_state_dict() if nets.disc else None, params, info)
+    curve.write(plots)
+    write_metrics(metrics, result, record(params, "train", run, precision=prec.name, device=env.device.type))
+    print(f"{run}: {state.step} steps, distance {final.get('loss_distance', math.nan):.4g}, exported to {out} "
           f"({result['sec_per_step']} s/step)", flush=True)
     return result
 
 
-def params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+def run_fingerprint(params: dict, run: str) -> str:
+    """Fingerprint of exactly the params this run reads: resources, eval or launcher settings
+    never set its checkpoints aside."""
+    from osv.dependencies import fingerprint
+
+    return fingerprint(params, "train", run)
 
 
-def protocol(params, run, spec, env, teacher) -> dict:
+def protocol(params, run, spec, env, teacher, prec) -> dict:
     stage = spec["stage"]
     cfg = params[stage]
     weights = "small models built from configs" if params["weights"]["source"] == "config" else \
@@ -436,8 +444,7 @@ def protocol(params, run, spec, env, teacher) -> dict:
     return {"run": run, "stage": stage, "init": spec["init"], "steps": cfg["steps"],
             "batch_size_per_process": cfg["batch_size"], "world_size": env.world_size,
             "global_batch": cfg["batch_size"] * env.world_size, "device": str(env.device),
-            "precision": params["train"]["precision"] if env.device.type == "cuda" else "fp32",
-            "params_sha256": params_hash(params), "weights": weights, "teacher": str(teacher),
+            "precision": prec.name, "weights": weights, "teacher": str(teacher),
             "m": cfg.get("m"), "lambda_adv": cfg["lambda_adv"], "disc_front_end": params["disc"]["front_end"]}
 
 
@@ -457,8 +464,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         run_stage("train", train_run, kwargs, params, checkpointable=True)
     except NonFiniteLossError as exc:
-        print(f"osv train {args.run}: {exc}", file=sys.stderr)
-        return 3
+        print(f"{exc} [run {args.run}]", file=sys.stderr)
+        return exc.exit_code
     except TrainingInterrupted as exc:
         print(f"osv train {args.run}: {exc}", file=sys.stderr)
         return 143

@@ -1,4 +1,4 @@
-"""Training curves (per-step CSV for `dvc plots`), metrics JSON and the tqdm progress bar."""
+"""Training curves (per-step CSV for `dvc plots`) and the tqdm progress bar."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from osv.atomic import write_json, write_text
+from osv.atomic import write_text
 
 TRAIN_COLUMNS = ["step", "loss_d_real", "loss_d_fake", "loss_g_adv", "loss_distance", "logits_real_mean",
                  "logits_fake_mean", "grad_norm_g", "grad_norm_d", "lr", "overflow_count"]
@@ -54,10 +54,6 @@ class Curve:
 
 def _fmt(v):
     return f"{v:.6g}" if isinstance(v, float) else v
-
-
-def write_metrics(path: str | Path, metrics: dict) -> None:
-    write_json(path, metrics)
 
 
 def progress(total: int, initial: int = 0, desc: str = "", enabled: bool = True):

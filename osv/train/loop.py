@@ -11,22 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import os
 import signal
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-# Test hook: OSV_INJECT_NAN_AT_STEP=k makes the generator loss of iteration k (0-based) NaN,
-# to exercise the non-finite guard (the run must stop without checkpointing the bad state).
-INJECT_NAN_ENV = "OSV_INJECT_NAN_AT_STEP"
+from osv.numerics import NonFiniteError, require_finite
 
 STREAMS = {"data": 0, "noise": 1, "index": 2, "dropout": 3, "sigma": 4, "eval": 5}
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(NonFiniteError):
     """A loss became NaN/Inf: training stops and no checkpoint of that state is written."""
 
 
@@ -96,6 +92,11 @@ class Precision:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype is torch.float16)
         self.overflow_count = 0
 
+    @property
+    def name(self) -> str:
+        """The precision that actually runs: 'fp32' on CPU whatever train.precision says."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
@@ -126,20 +127,13 @@ def grad_norm(params, clip: float) -> float:
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
-def check_finite(losses: dict[str, torch.Tensor], step: int, last_checkpoint) -> None:
-    """Raise NonFiniteLossError naming the loss, step and the last good checkpoint."""
-    bad = [k for k, v in losses.items() if not math.isfinite(float(v.detach()))]
-    if bad:
-        where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint written yet"
-        raise NonFiniteLossError(f"non-finite loss {', '.join(bad)} at step {step} "
-                                 f"({', '.join(f'{k}={float(losses[k].detach())}' for k in bad)}); stopping without "
-                                 f"checkpointing this state ({where})")
-
-
-def nan_injection(step: int) -> float:
-    """1.0, or NaN at the iteration named by OSV_INJECT_NAN_AT_STEP (test hook)."""
-    at = os.environ.get(INJECT_NAN_ENV, "")
-    return math.nan if at.strip() and int(at) == step else 1.0
+def check_finite(stage: str, losses: dict[str, torch.Tensor], step: int, last_checkpoint) -> None:
+    """Raise NonFiniteLossError naming the stage, loss, step and the last good checkpoint."""
+    where = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint written yet"
+    try:
+        require_finite(stage, losses, step, hint=f"stopping without checkpointing this state ({where})")
+    except NonFiniteError as exc:
+        raise NonFiniteLossError(str(exc)) from None
 
 
 class StopSignal:

@@ -150,6 +150,7 @@ def train_teacher(unet, params: dict, latents_root, device, curve) -> None:
     """teacher.steps Adam steps of the conditional-dropout EDM loss on the train latents."""
     from osv.conditioning import from_batch
     from osv.latents import LatentDataset
+    from osv.numerics import injected
     from osv.sde import Denoiser
     from osv.train.logging import progress
     from osv.train.loop import Precision, check_finite, collate, data_indices, sample_rand, sample_randn
@@ -163,29 +164,29 @@ def train_teacher(unet, params: dict, latents_root, device, curve) -> None:
     prec = Precision(params["train"]["precision"], device)
     eval_every = max(1, cfg["steps"] // EVALS_DURING_TRAINING)
     unet.train()
-    bar = progress(cfg["steps"], desc="teacher")
-    for step in range(cfg["steps"]):
-        idx = data_indices(seed, step, cfg["batch_size"], len(ds))
-        batch = collate([ds[i] for i in idx], device)
-        slots = list(range(len(idx)))  # sample identities for the noise streams
-        x0 = batch["latents"]
-        sigma = (cfg["p_mean"] + cfg["p_std"] * sample_randn((), seed, step, slots, "sigma")).exp().to(device)
-        keep = (sample_rand(seed, step, slots, "dropout") >= cfg["cond_dropout"]).float().to(device)
-        cond = drop_condition(from_batch(batch, params, device=device), keep)
-        with prec.autocast():
-            loss = denoising_loss(denoiser, x0, cond, sigma, sample_randn(x0.shape[1:], seed, step, slots,
-                                                                          device=device)).mean()
-        check_finite({"teacher_loss": loss}, step, None)
-        opt.zero_grad(set_to_none=True)
-        prec.backward(loss)
-        prec.step(opt, list(unet.parameters()), params["train"]["grad_clip"])
-        row = {"step": step + 1, "loss": float(loss.detach()), "lr": cfg["lr"]}
-        if (step + 1) % eval_every == 0 and step + 1 < cfg["steps"]:
-            row["heldout_loss"] = evaluate_loss_only(denoiser, test, params)
-        curve.append(row)
-        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        bar.update(1)
-    bar.close()
+    with progress(cfg["steps"], desc="teacher") as bar:  # closed on errors too: their line stays clean
+        for step in range(cfg["steps"]):
+            idx = data_indices(seed, step, cfg["batch_size"], len(ds))
+            batch = collate([ds[i] for i in idx], device)
+            slots = list(range(len(idx)))  # sample identities for the noise streams
+            x0 = batch["latents"]
+            sigma = (cfg["p_mean"] + cfg["p_std"] * sample_randn((), seed, step, slots, "sigma")).exp().to(device)
+            keep = (sample_rand(seed, step, slots, "dropout") >= cfg["cond_dropout"]).float().to(device)
+            cond = drop_condition(from_batch(batch, params, device=device), keep)
+            with prec.autocast():
+                loss = denoising_loss(denoiser, x0, cond, sigma, sample_randn(x0.shape[1:], seed, step, slots,
+                                                                              device=device)).mean()
+            loss = loss * injected("teacher", step)
+            check_finite("teacher", {"loss": loss}, step, None)
+            opt.zero_grad(set_to_none=True)
+            prec.backward(loss)
+            prec.step(opt, list(unet.parameters()), params["train"]["grad_clip"])
+            row = {"step": step + 1, "loss": float(loss.detach()), "lr": cfg["lr"]}
+            if (step + 1) % eval_every == 0 and step + 1 < cfg["steps"]:
+                row["heldout_loss"] = evaluate_loss_only(denoiser, test, params)
+            curve.append(row)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            bar.update(1)
     unet.eval()
 
 
@@ -232,8 +233,11 @@ def write_pipeline_folder(out, base, vae, unet=None, provenance: dict | None = N
 def teacher_run(params: dict, base: str, vae: str, latents: str, out: str, metrics: str, plots: str) -> dict:
     """The work function of the teacher stage (module-level: submitit pickles it)."""
     from osv.models import load_unet
+    from osv.numerics import require_finite_module
+    from osv.provenance import record, require_finite_metrics, write_metrics
     from osv.sde import Denoiser
-    from osv.train.logging import Curve, write_metrics
+    from osv.train.logging import Curve
+    from osv.train.loop import Precision
 
     for path, what in ((base, "--base"), (vae, "--vae"), (latents, "--latents")):
         if not Path(path).exists():
@@ -253,11 +257,17 @@ def teacher_run(params: dict, base: str, vae: str, latents: str, out: str, metri
     after = evaluate(denoiser, test, params) if trained else before
     curve.append({"step": params["teacher"]["steps"], "heldout_loss": after["heldout_loss"]})
     provenance = _provenance(params, base)
+    result = {"before": before, "after": after, "trained": trained, "steps": params["teacher"]["steps"],
+              "seconds": round(time.time() - t0, 1), "protocol": _protocol(params)}
+    if trained:
+        require_finite_module("teacher", unet, "the trained teacher UNet")
+    require_finite_metrics("teacher", result, metrics)
     write_pipeline_folder(out, base, vae, unet.to("cpu") if trained else None, provenance)
     curve.write(plots)
-    result = {"before": before, "after": after, "trained": trained, "steps": params["teacher"]["steps"],
-              "seconds": round(time.time() - t0, 1), "protocol": _protocol(params), "weights": provenance}
-    write_metrics(metrics, result)
+    precision = Precision(params["train"]["precision"], device).name if trained else "fp32"
+    # The base weights' description holds seeds and sizes: provenance, not metrics to diff.
+    write_metrics(metrics, result, {**record(params, "teacher", precision=precision, device=device.type),
+                                    "teacher_weights": provenance})
     print(f"teacher: heldout_loss {before['heldout_loss']:.4f} -> {after['heldout_loss']:.4f}, "
           f"denoise_mse {before['denoise_mse']:.4f} -> {after['denoise_mse']:.4f}, "
           f"sample_stats_error {before['sample_stats_error']:.4f} -> {after['sample_stats_error']:.4f} "
