@@ -142,7 +142,9 @@ def fit(vae, frames: torch.Tensor, gen: torch.Generator, *, steps: int, batch_si
         crop: int, lr: float, kl_weight: float, bf16: bool, warmup: int, device: str, desc: str) -> list[float]:
     """Adam (linear warmup, cosine decay over `steps`) on vae_loss; per-step training MSE."""
     vae.train().to(device)
-    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99))
+    # foreach: the same numbers as the per-tensor loop torch picks on CPU, ~13% faster per step here
+    # (~250 small tensors).
+    opt = torch.optim.Adam(vae.parameters(), lr=lr, betas=(0.9, 0.99), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     history = []
