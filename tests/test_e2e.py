@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -136,6 +137,16 @@ def test_snakemake_local_runs_every_run_and_method(tmp_path):
 
     vae_front = read_metrics(repo / "metrics/train/abl_e_vae_disc.json")
     assert vae_front["protocol"]["disc_front_end"] == "vae"
+
+    # Code is a dependency: editing the samplers replans exactly the stages that run them.
+    assert "Nothing to be done" in sh(["snakemake", "--profile", "local", "-n"], repo)
+    with (repo / "osv" / "samplers.py").open("a") as f:
+        f.write("\n# an edit\n")
+    plan = sh(["snakemake", "--profile", "local", "-n"], repo)
+    jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:", 1)[1], flags=re.M))
+    assert {k: int(v) for k, v in jobs.items() if k != "total"} == {
+        "teacher": 1, "train": len(params["train"]["runs"]), "generate": len(params["eval"]["methods"]),
+        "fvd": len(params["eval"]["methods"]), "report": 1, "all": 1}, plan[-3000:]
 
 
 def readme_block(title: str) -> list[str]:
