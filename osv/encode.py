@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import warnings
 import zlib
 from pathlib import Path
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
 from osv.hub import sha256_file
-from osv.numerics import NonFiniteError, injected, require_finite
+from osv.numerics import injected, require_finite
 
 FRAME_CHUNK = 16  # frames per VAE call: bounds memory at paper resolution
 CLIP_SIZE = 224  # SVD's _encode_image resizes the conditioning frame to 224 x 224
@@ -223,32 +224,41 @@ def group_stats(folder: Path, entry: dict) -> dict:
             "channel_std": per_channel.std(1).tolist(), "count": entry["count"]}
 
 
+INDEX, PREVIOUS_INDEX = "index.json", ".index.previous.json"
+
+
+def set_index_aside(out: Path) -> dict:
+    """The last complete run's shard entries (their hashes decide which shards are reused), with
+    its index moved aside: while shards are rewritten the folder must not look complete. The
+    shards themselves stay (a failed or killed encode keeps every shard it wrote)."""
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / INDEX).exists():
+        os.replace(out / INDEX, out / PREVIOUS_INDEX)
+    try:
+        return json.loads((out / PREVIOUS_INDEX).read_text())["groups"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
 def encode_all(params: dict, clips: str, base: str, vae: str, out: str) -> dict:
     """The stage's work function (module level, so submitit can pickle it)."""
     clips, base, vae, out = Path(clips), Path(base), Path(vae), Path(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     models = load_models(base, vae, device)
     counts = {"encoded": 0, "skipped": 0}
-    try:  # the last complete run's index: the hashes its shards must still have
-        previous = json.loads((out / "index.json").read_text())["groups"]
-    except (OSError, ValueError, KeyError):
-        previous = {}
-    try:
-        entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
-                                                     previous.get(group_name(s, w, h)))
-                   for s, w, h in groups(params)}
-    except NonFiniteError:  # an earlier run's index would make this failed one look complete
-        for name in ("index.json", "stats.json"):
-            (out / name).unlink(missing_ok=True)
-        raise
+    previous = set_index_aside(out)
+    entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
+                                                 previous.get(group_name(s, w, h)))
+               for s, w, h in groups(params)}
     index = {"frames": params["data"]["frames"], "fps": params["data"]["fps"],
              "scaling_factor": float(models["vae"].config.scaling_factor),
              "noise_aug_strength": params["conditioning"]["noise_aug_strength"],
              "latent_channels": int(models["vae"].config.latent_channels),
              "image_embed_dim": int(models["image_encoder"].config.projection_dim),
              "groups": entries}
-    write_json(out / "index.json", index)
     write_json(out / "stats.json", {name: group_stats(out / name, e) for name, e in entries.items()})
+    write_json(out / INDEX, index)  # last: its presence means the folder is complete
+    (out / PREVIOUS_INDEX).unlink(missing_ok=True)
     return {"device": device, **counts, "groups": {k: e["count"] for k, e in entries.items()}}
 
 

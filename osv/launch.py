@@ -160,13 +160,76 @@ def run_stage(stage: str, fn: Callable, kwargs: dict, params: dict, checkpointab
 
     res = resources_for(params, stage)
     tasks = res["nodes"] * res["tasks_per_node"]
-    cls = CheckpointableStageCall if checkpointable or hasattr(fn, "checkpoint") else StageCall
-    call = cls(stage, fn, kwargs, tasks)
-    folder = job_folder(stage, log_root)
-    executor = make_executor(stage, mode, res, folder)
-    job = submit(executor, call)
-    print(f"[osv {stage}] submitted {mode} job {job.job_id}, logs in {folder}", flush=True)
-    return wait(job, stage, mode)
+    record = JobRecord(stage, kwargs, log_root)
+    job = record.reattach(tasks) if mode == "slurm" else None
+    if job is None:
+        cls = CheckpointableStageCall if checkpointable or hasattr(fn, "checkpoint") else StageCall
+        call = cls(stage, fn, kwargs, tasks)
+        folder = job_folder(stage, log_root)
+        executor = make_executor(stage, mode, res, folder)
+        job = submit(executor, call)
+        record.write(job, folder)
+        print(f"[osv {stage}] submitted {mode} job {job.job_id}, logs in {folder}", flush=True)
+    result = wait(job, stage, mode)
+    record.clear()
+    return result
+
+
+class JobRecord:
+    """The job a stage instance's call was submitted as, kept until the call returns.
+
+    A submitting process that dies (logout: SIGHUP; a killed Snakemake) leaves its SLURM job
+    running. Rerun, the same call (same stage, arguments and params) finds the record: a job
+    still queued or running is waited for again instead of submitted twice; one that completed
+    gives its result; one that failed or vanished is submitted anew (and resumes from its
+    checkpoints). A record of a call with other arguments or params cancels that job: two
+    jobs must never write the same outputs.
+    """
+
+    def __init__(self, stage: str, kwargs: dict, log_root: str | Path | None = None):
+        import hashlib
+        import json
+
+        text = json.dumps(kwargs, sort_keys=True, default=str)
+        outputs = json.dumps({k: v for k, v in kwargs.items() if k != "params"}, sort_keys=True, default=str)
+        self.call = hashlib.sha256(text.encode()).hexdigest()
+        root = Path(log_root or os.environ.get(ENV_LOG_ROOT, DEFAULT_LOG_ROOT)).resolve()
+        # keyed by the instance (its paths), so a changed params file finds the old job
+        self.path = root / stage / f"job-{hashlib.sha256(outputs.encode()).hexdigest()[:16]}.json"
+        self.stage = stage
+
+    def write(self, job, folder: Path) -> None:
+        from osv.atomic import write_json
+
+        write_json(self.path, {"job_id": str(job.job_id), "folder": str(folder), "call": self.call})
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def reattach(self, tasks: int):
+        """The recorded SLURM job if it is still this call's and alive or done, else None."""
+        import json
+
+        import submitit
+
+        try:
+            rec = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        state = scheduler_state(rec["job_id"])
+        alive = state in ACTIVE_STATES
+        if rec.get("call") != self.call:
+            if alive:
+                subprocess.run(["scancel", rec["job_id"]], check=False)
+                print(f"[osv {self.stage}] cancelled job {rec['job_id']}: it was submitted with other arguments "
+                      "or params", flush=True)
+            return None
+        job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"], tasks=tuple(range(tasks)))
+        if alive or (state == "COMPLETED" and _results_ready(job)):
+            print(f"[osv {self.stage}] reattached to slurm job {rec['job_id']} ({state}), logs in {rec['folder']}",
+                  flush=True)
+            return job
+        return None
 
 
 def job_folder(stage: str, log_root: str | Path | None = None) -> Path:

@@ -179,7 +179,8 @@ def test_rerun_encodes_damaged_shards_again(setup, damaged):
 
 def test_nan_latents_stop_encode_before_the_shard_and_index(setup, damaged, monkeypatch):
     """A NaN in batch 1 of train/64x32 (its shard 1, missing here): no shard 1, and the earlier
-    complete run's index.json and stats.json go too, so the folder does not look complete."""
+    complete run's index.json is set aside (the folder does not look complete); every shard
+    already written stays for the rerun."""
     from osv.numerics import INJECT_ENV, NonFiniteError
 
     params, tmp, _ = setup
@@ -189,4 +190,5 @@ def test_nan_latents_stop_encode_before_the_shard_and_index(setup, damaged, monk
     monkeypatch.setenv(INJECT_ENV, "encode:1")
     with pytest.raises(NonFiniteError, match=r"^osv encode: non-finite latents at step 1 \(latents=nan\)"):
         enc.encode_all(params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"), str(root))
-    assert not missing.exists() and not (root / "index.json").exists() and not (root / "stats.json").exists()
+    assert not missing.exists() and not (root / "index.json").exists()
+    assert (root / enc.PREVIOUS_INDEX).exists() and (root / "train/64x32/shard-00000.safetensors").exists()

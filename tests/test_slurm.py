@@ -208,3 +208,78 @@ def test_two_tasks_on_two_gpus_all_reduce(on_slurm, params):
     assert out["rank"] == 0 and out["world"] == 2 and out["sum"] == 3.0, out
     assert out["cuda"] == "0"  # rank 0 keeps the first of the job's two GPUs
     assert "gres/gpu=2" in sacct_field(out["job"], "AllocTRES", "gres/gpu=2")
+
+
+@pytest.mark.parametrize("preempt", ["scancel --signal=TERM", "scontrol requeue"])
+def test_preempted_training_run_requeues_and_resumes_bit_exactly(on_slurm, params, preempt, monkeypatch):
+    """The real train_run on SLURM, preempted by SIGTERM (or requeued by an admin) mid-run: it
+    checkpoints, is requeued, resumes, and exports the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from test_train import make_workspace, run_params, tiny_params, train
+
+    from osv.train.checkpoint import list_checkpoints
+    from osv.train.distill import train_run
+
+    p = tiny_params({"lgp": {"steps": 40}, "train": {"checkpoint_every": 2},
+                     "resources": {"default": params["resources"]["default"]}})
+    ws = make_workspace(on_slurm, p)
+    monkeypatch.setenv("OSV_LAUNCHER", "none")
+    train(p, ws, on_slurm / "reference", "stage1")
+    want = load_file(str(on_slurm / "reference" / "models" / "stage1" / "student.safetensors"))
+
+    monkeypatch.setenv("OSV_LAUNCHER", "slurm")
+    kwargs = dict(params=run_params(p, "stage1"), run="stage1", teacher=str(ws["teacher"]), init=str(ws["teacher"]),
+                  latents=str(ws["latents"]), ckpt=str(on_slurm / "runs" / "stage1"),
+                  out=str(on_slurm / "models" / "stage1"), metrics=str(on_slurm / "metrics" / "stage1.json"),
+                  plots=str(on_slurm / "plots" / "stage1.csv"))
+    box = in_thread(lambda: launch.run_stage("train", train_run, kwargs, kwargs["params"], checkpointable=True))
+    wait_for(lambda: len(list_checkpoints(on_slurm / "runs" / "stage1")) >= 1, 180, "a first checkpoint")
+    job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "osv-train"], capture_output=True,
+                            text=True).stdout.split()[0]
+    subprocess.run([*preempt.split(), job_id], check=True)
+    box["thread"].join(300)
+    assert not box["thread"].is_alive(), "the preempted job did not finish"
+    assert "error" not in box, box.get("error")
+    logs = "".join(p.read_text(errors="replace") for p in (on_slurm / "logs").rglob("*_log.*"))
+    assert "signal received, checkpoint at step" in logs, logs[-3000:]
+    got = load_file(str(on_slurm / "models" / "stage1" / "student.safetensors"))
+    assert got.keys() == want.keys() and all(torch_equal(got[k], want[k]) for k in want)
+    assert sacct_field(job_id, "State", "COMPLETED") == "COMPLETED"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+SUBMITTER = """
+import sys
+from osv import launch
+from osv.params import deep_merge, load_params
+from test_slurm import job_sleeps
+params = deep_merge(load_params(sys.argv[1]), {"resources": {"default": {"gpus": 1, "cpus_per_task": 1,
+                    "mem_gb": 1, "timeout_min": 15, "partition": "gpu"}}})
+print(launch.run_stage("encode", job_sleeps, {"marker": sys.argv[2], "seconds": float(sys.argv[3])}, params))
+"""
+
+
+def test_killed_submitter_reattaches_instead_of_submitting_again(on_slurm, params, capsys):
+    """The submitting process dies (SIGKILL: a killed Snakemake, a dead login node) while its job
+    runs; the rerun waits for that job and gets its result, and no second job is submitted."""
+    import sys
+
+    marker = on_slurm / "started.txt"
+    args = [sys.executable, "-c", SUBMITTER, str(REPO / "params.yaml"), str(marker), "20"]
+    first = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    wait_for(marker.exists, 120, "the job to start")
+    first.kill()
+    first.wait(10)
+    job_id = marker.read_text()
+    assert launch.scheduler_state(job_id) in launch.ACTIVE_STATES  # the job outlived its submitter
+    out = launch.run_stage("encode", job_sleeps, {"marker": str(marker), "seconds": 20.0}, params)
+    assert out == "woke up"
+    assert f"reattached to slurm job {job_id}" in capsys.readouterr().out
+    jobs = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,WorkDir"], capture_output=True, text=True).stdout
+    assert [j.split("|")[0] for j in jobs.splitlines() if j.endswith(str(on_slurm))] == [job_id]
+    assert not list((on_slurm / "logs" / "encode").glob("job-*.json")), "the record outlived its call"

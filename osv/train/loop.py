@@ -140,7 +140,10 @@ class StopSignal:
     """SIGTERM / SIGUSR2 set a flag; the loop checkpoints at the next step boundary and exits.
 
     The handlers found at install time are kept: after checkpointing, `chain()` calls a
-    previous Python handler (submitit's USR2 handler requeues the job and exits).
+    previous Python handler (submitit's USR2 handler requeues the job and exits). In a SLURM
+    job, SIGTERM means preemption (or `scancel --signal=TERM`, or `scontrol requeue`), which
+    submitit only ignores: it is handed to the USR2 handler too, so the job is requeued and
+    resumes from the checkpoint just written instead of ending in failure.
     """
 
     SIGNALS = ("SIGTERM", "SIGUSR2")
@@ -170,8 +173,16 @@ class StopSignal:
 
     def chain(self) -> None:
         """Hand the signal to the handler that was installed before ours (if a Python one)."""
+        import subprocess
+
         sig = self.received
         prev = self.previous.get(sig)
+        usr2 = self.previous.get(getattr(signal, "SIGUSR2", None))
+        if sig == signal.SIGTERM and os.environ.get("SLURM_JOB_ID") and callable(usr2):
+            prev = usr2  # preempted: checkpoint() + requeue, as on a timeout
         self.restore()
         if callable(prev):
-            prev(sig, None)
+            try:
+                prev(sig, None)
+            except subprocess.CalledProcessError as exc:  # `scontrol requeue` already requeued the job
+                print(f"requeue after signal {sig} refused ({exc}); SLURM requeues or ends the job", flush=True)

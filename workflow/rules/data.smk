@@ -59,7 +59,9 @@ rule encode:
         "models/vae",
         code=code_files("encode"),
     output:
-        directory("data/latents"),
+        # The index, written last. The shards beside it are resumable work, not a declared output:
+        # Snakemake would delete a failed job's outputs, and a rerun reuses every intact shard.
+        "data/latents/index.json",
     params:
         deps=stage_params("encode"),
     log:

@@ -4,7 +4,7 @@
 rule generate:
     input:
         "models/teacher",
-        "data/latents",
+        "data/latents/index.json",
         model=method_model,
         code=code_files("generate"),
     output:

@@ -5,7 +5,7 @@ rule teacher:
     input:
         "models/base",
         "models/vae",
-        "data/latents",
+        "data/latents/index.json",
         code=code_files("teacher"),
     output:
         directory("models/teacher"),
@@ -27,11 +27,12 @@ rule teacher:
 rule train:
     input:
         "models/teacher",
-        "data/latents",
+        "data/latents/index.json",
         init=init_folder,
         code=code_files("train"),
     output:
-        ckpt=directory("runs/{run}"),
+        # runs/{run} (checkpoints) is resumable state, not a declared output: Snakemake would delete
+        # it when the job fails and before rerunning it. DVC versions it (persist: true).
         model=directory("models/{run}"),
         metrics="metrics/train/{run}.json",
         provenance="metrics/train/{run}.provenance.json",
