@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,9 +84,34 @@ def expected_outputs(params: dict) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
+    """The DAG on SLURM, with its submit host dying while a training job runs (SIGKILL to Snakemake
+    and every process it started, as a lost login node does): after `snakemake --unlock` the rerun
+    reattaches to the jobs, no checkpoint is lost, and every stage instance is still exactly one
+    SLURM job (counted from sacct below)."""
     params = smoke_params()
+    params["lgp"]["steps"] = 12  # long enough to be caught running
     repo = scratch_repo(tmp_path / "repo", params)
-    sh(["snakemake", "--profile", "slurm"], repo)
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen(["snakemake", "--profile", "slurm"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def train_running():
+        out = sh(["squeue", "-h", "-o", "%j|%T|%Z"], repo).splitlines()
+        return [j for j in out if j.startswith("osv-train|RUNNING|") and j.endswith(str(repo))]
+
+    try:
+        assert poll(train_running, bool, 900, 0.5), "no training job ever ran"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no cleanup anywhere: the jobs keep running
+        first.wait(30)
+    runs_before = sorted((repo / "runs").glob("*/checkpoints/step-*"))
+    sh(["snakemake", "--unlock"], repo)
+    rerun = sh(["snakemake", "--profile", "slurm"], repo)
+    assert "reattached to slurm job" in rerun or "reattached to slurm job" in "".join(
+        p.read_text() for p in (repo / "logs" / "train").glob("*.log")), rerun[-3000:]
+    kept = sorted((repo / "runs").glob("*/checkpoints/step-*"))  # nothing deleted (keep_last prunes old steps)
+    assert all(p.parent.parent in {k.parent.parent for k in kept} for p in runs_before), (runs_before, kept)
+    assert {k.parent.parent.name for k in kept} == set(params["train"]["runs"])
     missing = [p for p in expected_outputs(params) if not (repo / p).exists()]
     assert not missing, missing
 
