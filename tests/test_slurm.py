@@ -215,7 +215,7 @@ def test_preempted_training_run_requeues_and_resumes_bit_exactly(on_slurm, param
     """The real train_run on SLURM, preempted by SIGTERM (or requeued by an admin) mid-run: it
     checkpoints, is requeued, resumes, and exports the weights of an uninterrupted run."""
     from safetensors.torch import load_file
-    from test_train import make_workspace, run_params, tiny_params, train
+    from test_train import make_workspace, run_params, tiny_params
 
     from osv.train.checkpoint import list_checkpoints
     from osv.train.distill import train_run
@@ -223,15 +223,19 @@ def test_preempted_training_run_requeues_and_resumes_bit_exactly(on_slurm, param
     p = tiny_params({"lgp": {"steps": 40}, "train": {"checkpoint_every": 2},
                      "resources": {"default": params["resources"]["default"]}})
     ws = make_workspace(on_slurm, p)
-    monkeypatch.setenv("OSV_LAUNCHER", "none")
-    train(p, ws, on_slurm / "reference", "stage1")
+
+    def kwargs_in(root):
+        return dict(params=run_params(p, "stage1"), run="stage1", teacher=str(ws["teacher"]), init=str(ws["teacher"]),
+                    latents=str(ws["latents"]), ckpt=str(root / "runs" / "stage1"), out=str(root / "models" / "stage1"),
+                    metrics=str(root / "metrics" / "stage1.json"), plots=str(root / "plots" / "stage1.csv"))
+
+    monkeypatch.setenv("OSV_LAUNCHER", "none")  # uninterrupted, in-process, the job's thread count
+    reference = kwargs_in(on_slurm / "reference")
+    launch.run_stage("train", train_run, reference, reference["params"], checkpointable=True)
     want = load_file(str(on_slurm / "reference" / "models" / "stage1" / "student.safetensors"))
 
     monkeypatch.setenv("OSV_LAUNCHER", "slurm")
-    kwargs = dict(params=run_params(p, "stage1"), run="stage1", teacher=str(ws["teacher"]), init=str(ws["teacher"]),
-                  latents=str(ws["latents"]), ckpt=str(on_slurm / "runs" / "stage1"),
-                  out=str(on_slurm / "models" / "stage1"), metrics=str(on_slurm / "metrics" / "stage1.json"),
-                  plots=str(on_slurm / "plots" / "stage1.csv"))
+    kwargs = kwargs_in(on_slurm)
     box = in_thread(lambda: launch.run_stage("train", train_run, kwargs, kwargs["params"], checkpointable=True))
     wait_for(lambda: len(list_checkpoints(on_slurm / "runs" / "stage1")) >= 1, 180, "a first checkpoint")
     job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "osv-train"], capture_output=True,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import signal
 from collections.abc import Sequence
 
@@ -184,5 +185,8 @@ class StopSignal:
         if callable(prev):
             try:
                 prev(sig, None)
-            except subprocess.CalledProcessError as exc:  # `scontrol requeue` already requeued the job
-                print(f"requeue after signal {sig} refused ({exc}); SLURM requeues or ends the job", flush=True)
+            except subprocess.CalledProcessError as exc:  # `scontrol requeue` is requeuing the job already
+                # Leave without a result (as submitit's own requeue does): a result file of this
+                # incarnation would end the wait before the requeued one runs.
+                print(f"requeue after signal {sig} refused ({exc}): SLURM is requeuing the job", flush=True)
+                raise SystemExit(1) from exc
