@@ -36,6 +36,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/eval.smk"
 
 
+onerror:
+    # With keep-going, every row that could be made is made; this partial report marks each
+    # other row "not produced", with the first failed job it needs and that job's error line.
+    shell("osv report --params params.yaml --out reports > logs/report-partial.log 2>&1 || true")
+
+
 rule all:
     default_target: True
     input:

@@ -50,6 +50,9 @@ def test_failed_jobs_keep_shards_and_checkpoints_in_both_front_ends(tmp_path):
     run(["snakemake", "--profile", "local", "models/stage1"], repo, {INJECT_ENV: "train:2"}, ok=False)
     ckpts = sorted(p.name for p in (repo / "runs/stage1/checkpoints").iterdir())
     assert ckpts and ckpts[-1] == "step-0000002", ckpts
+    # The partial report (Snakefile onerror) says which rows are missing and why.
+    partial = (repo / "reports" / "results.md").read_text()
+    assert "`osv_tts`: not produced (metrics/eval/osv_tts.json missing; logs/train/stage1.log: osv train" in partial
     log = run(["snakemake", "--profile", "local", "models/stage1"], repo)
     assert "resumed from" in log and "(step 2)" in log, log[-2000:]
 

@@ -152,3 +152,16 @@ def test_report_without_any_metrics(tmp_path):
                         tmp_path / "reports").read_text()
     assert "No metric files were found" in text and "No training curves found" in text
     assert (tmp_path / "plots" / "fvd_vs_nfe.csv").read_text().strip() == "family,method,nfe,fvd"
+
+
+def test_missing_row_says_which_job_failed_and_why(project, monkeypatch):
+    """After a failed job (keep-going), the report names the row's first failed job and its error."""
+    params, root = project
+    monkeypatch.chdir(root)
+    (root / "logs" / "train").mkdir(parents=True)
+    (root / "logs" / "train" / "stage2.log").write_text(
+        "stage2 (acd):  40%|####      | 2/5\nosv train stage2: non-finite loss_g at step 2 (loss_g=nan)\n")
+    (root / "logs" / "teacher.log").write_text("teacher: sample_stats_error 0.45 -> 0.04\n")  # not an error
+    text = write_report(params, root / "metrics", root / "samples", root / "plots", root / "reports").read_text()
+    assert ("`osv_4`: not produced (metrics/eval/osv_4.json missing; logs/train/stage2.log: osv train stage2: "
+            "non-finite loss_g at step 2 (loss_g=nan))") in text

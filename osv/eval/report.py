@@ -15,6 +15,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -104,6 +105,36 @@ def md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+# One-line errors of the osv commands ("osv train stage2: non-finite ..."), exceptions, launcher failures.
+ERROR_LINE = re.compile(r"^osv \w+|^\S*Error\b|non-finite|job \S+ (failed|ended)")
+
+
+def model_chain(model: str, runs: dict) -> list[str]:
+    """The training runs a model is made by, most upstream first (teacher excluded)."""
+    chain = []
+    while model in runs:
+        chain.insert(0, model)
+        model = runs[model]["init"]
+    return chain
+
+
+def why_missing(method: str, methods: dict, logs: Path = Path("logs")) -> str:
+    """'; <log>: <its last error line>' from the most upstream failed job a row needs (the teacher,
+    the training runs its model starts from, its generation, its scoring), or '' when no log says
+    why (the job has not run yet). methods[m]["chain"] lists the runs (write_report adds it)."""
+    m = methods[method]
+    runs = m.get("chain", [] if m["model"] == "teacher" else [m["model"]])
+    paths = [logs / "teacher.log"] + [logs / "train" / f"{r}.log" for r in runs]
+    for path in (*paths, logs / "generate" / f"{method}.log", logs / "fvd" / f"{method}.log"):
+        try:
+            errors = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ERROR_LINE.search(ln)]
+        except OSError:
+            continue
+        if errors:
+            return f"; {path}: {errors[-1][:200].replace('|', '/')}"
+    return ""
+
+
 def _ours(method: str | None, same: dict, other: dict, methods: dict) -> tuple[list, str]:
     """Our NFE, s/video, FVD, FID for a paper row and a note on why a cell is empty."""
     if method is None:
@@ -113,7 +144,7 @@ def _ours(method: str | None, same: dict, other: dict, methods: dict) -> tuple[l
     if method in other:
         return [None] * 4, f"`{method}`: different protocol (see below)"
     if method not in same:
-        return [None] * 4, f"`{method}`: not produced (metrics/eval/{method}.json missing)"
+        return [None] * 4, f"`{method}`: not produced (metrics/eval/{method}.json missing{why_missing(method, methods)})"
     m = same[method]
     return [m.get("nfe"), m.get("sec_per_video"), m.get("fvd"), m.get("fid")], f"`{method}`"
 
@@ -322,7 +353,8 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> 
     from osv.provenance import record, write_metrics
 
     metrics_dir, samples_dir, plots_dir, out = map(Path, (metrics_dir, samples_dir, plots_dir, out_dir))
-    methods = params["eval"]["methods"]
+    methods = {name: {**m, "chain": model_chain(m["model"], params["train"]["runs"])}
+               for name, m in params["eval"]["methods"].items()}
     metrics = load_metrics(metrics_dir, methods)
     reference, same, other = split_by_protocol(metrics)
     write_fvd_vs_nfe(fvd_vs_nfe_rows(same, methods), plots_dir / "fvd_vs_nfe.csv", out / "fvd_vs_nfe.png",
