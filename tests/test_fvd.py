@@ -289,25 +289,33 @@ def test_evaluate_method_refuses_wrong_frame_count(tmp_path, real_halves):
     assert not (tmp_path / "m.json").exists()
 
 
+
+def fvd_workspace(tmp_path, real_halves, n: int, meta: dict) -> dict:
+    """params.yaml (96x48 frames, n clips), n real test clips and n 'generated' ones (the other
+    half of the real clips) with their meta.json."""
+    import yaml
+
+    from osv.video import write_mp4
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = n
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    a, b = real_halves
+    write_clip_set(tmp_path / "clips", a[:n], params["data"]["fps"])
+    for i, clip in enumerate(b[:n]):
+        write_mp4(tmp_path / "samples" / f"clip-{i:04d}.mp4", clip, params["data"]["fps"])
+    (tmp_path / "samples" / "meta.json").write_text(json.dumps(meta))
+    return params
+
 def test_osv_fvd_command_through_run_stage(tmp_path, real_halves, monkeypatch):
     """The `osv fvd` CLI: params validated, work run through osv.launch.run_stage (in-process)."""
     import argparse
 
-    import yaml
-
     from osv.eval import fvd
-    from osv.video import write_mp4
 
     monkeypatch.delenv("OSV_LAUNCHER", raising=False)
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["data"]["resolution"] = {"width": 96, "height": 48}
-    params["eval"]["num_clips"] = 6
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    a, b = real_halves
-    write_clip_set(tmp_path / "clips", a[:6], params["data"]["fps"])
-    for i, clip in enumerate(b[:6]):
-        write_mp4(tmp_path / "samples" / f"clip-{i:04d}.mp4", clip, params["data"]["fps"])
-    (tmp_path / "samples" / "meta.json").write_text(json.dumps({"nfe": 50, "sec_per_video": 2.0}))
+    fvd_workspace(tmp_path, real_halves, 6, {"nfe": 50, "sec_per_video": 2.0})
     parser = argparse.ArgumentParser()
     fvd.register(parser.add_subparsers(dest="command"))
     argv = ["fvd", "--params", str(tmp_path / "params.yaml"), "--method", "teacher_25", "--samples",
@@ -325,21 +333,11 @@ def test_osv_fvd_command_through_run_stage(tmp_path, real_halves, monkeypatch):
 
 
 def test_nan_fvd_exits_3_and_writes_no_metrics(tmp_path, real_halves, monkeypatch, capsys):
-    import yaml
 
     from osv.cli import main
-    from osv.video import write_mp4
 
     monkeypatch.delenv("OSV_LAUNCHER", raising=False)
-    params = copy.deepcopy(load_params(REPO / "params.yaml"))
-    params["data"]["resolution"] = {"width": 96, "height": 48}
-    params["eval"]["num_clips"] = 4
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    a, b = real_halves
-    write_clip_set(tmp_path / "clips", a[:4], params["data"]["fps"])
-    for i, clip in enumerate(b[:4]):
-        write_mp4(tmp_path / "samples" / f"clip-{i:04d}.mp4", clip, params["data"]["fps"])
-    (tmp_path / "samples" / "meta.json").write_text(json.dumps({"nfe": 1, "sec_per_video": 0.1}))
+    fvd_workspace(tmp_path, real_halves, 4, {"nfe": 1, "sec_per_video": 0.1})
     out = tmp_path / "metrics" / "osv_1.json"
     monkeypatch.setenv(INJECT_ENV, "fvd:0")
     assert main(["fvd", "--params", str(tmp_path / "params.yaml"), "--method", "osv_1", "--samples",
