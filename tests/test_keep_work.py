@@ -1,5 +1,6 @@
-"""No rerun deletes resumable work: a failed encode keeps its shards and a failed training run
-its checkpoints, through Snakemake and through `dvc repro`, and the rerun picks them up."""
+"""No rerun deletes resumable work: a failed encode job (on the one-node SLURM) keeps its shards
+and a failed training run its checkpoints, through Snakemake and through `dvc repro`, and the
+rerun picks them up; the partial report says which rows are missing and why."""
 
 from __future__ import annotations
 
@@ -33,17 +34,18 @@ def shards(repo):
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-def test_failed_jobs_keep_shards_and_checkpoints_in_both_front_ends(tmp_path):
+def test_failed_jobs_keep_shards_and_checkpoints_in_both_front_ends(tmp_path, slurm_cluster):
     params = smoke_params()
     params["train"]["checkpoint_every"] = 1
     repo = scratch_repo(tmp_path / "repo", params)
     fail = {INJECT_ENV: "encode:1"}  # the first group's second batch: its first shard is written
 
-    # Snakemake: the failed encode job leaves its shards (its declared output is only index.json).
-    run(["snakemake", "--profile", "local", "data/latents/index.json"], repo, fail, ok=False)
+    # Snakemake: the encode job on SLURM fails once; it leaves its shards (the rule declares only
+    # index.json), and the rerun reuses them.
+    run(["snakemake", "--profile", "slurm", "data/latents/index.json"], repo, fail, ok=False)
     kept = shards(repo)
     assert kept and not (repo / "data/latents/index.json").exists()
-    log = run(["snakemake", "--profile", "local", "data/latents/index.json"], repo)
+    log = run(["snakemake", "--profile", "slurm", "data/latents/index.json"], repo)
     assert int(re.search(r"'skipped': (\d+)", log).group(1)) >= len(kept), log[-2000:]
 
     # A training job that fails at step 3 keeps its checkpoints; the rerun resumes from them.
