@@ -7,7 +7,7 @@ import os
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import min_version
 
-from osv.params import check_yaml_file, validate_config
+from osv.params import check_yaml_file, validate
 
 min_version("9.0")
 
@@ -27,7 +27,7 @@ if config != check_yaml_file("params.yaml"):
         "--config/--configfile changed the params, but every osv command reads params.yaml: "
         "edit params.yaml instead (the profile's `launcher` is the only config key allowed)"
     )
-validate_config(config, "params.yaml")
+validate(config, "params.yaml")
 
 
 include: "workflow/rules/common.smk"

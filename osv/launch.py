@@ -99,14 +99,18 @@ def pin_threads(params: dict, stage: str) -> int:
     """CPU threads = resources.<stage>.cpus_per_task wherever the stage runs (in-process, Snakemake
     job, `dvc repro`, SLURM job): the thread count changes float reduction order, so it is pinned
     for the two front ends to give the same numbers. The Snakemake rules ask for the same threads."""
-    import torch
-
     from osv.params import resources_for
 
     n = resources_for(params, stage)["cpus_per_task"]
+    _set_threads(n)
+    return n
+
+
+def _set_threads(n: int) -> None:
+    import torch
+
     os.environ["OMP_NUM_THREADS"] = str(n)
     torch.set_num_threads(n)
-    return n
 
 
 def _use_allocated_cpus() -> None:
@@ -114,10 +118,7 @@ def _use_allocated_cpus() -> None:
     whose OMP_NUM_THREADS (Snakemake sets it to the rule's threads, 1) is not this job's."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:
-        import torch
-
-        os.environ["OMP_NUM_THREADS"] = cpus
-        torch.set_num_threads(int(cpus))
+        _set_threads(int(cpus))
 
 
 class CheckpointableStageCall(StageCall, Checkpointable):

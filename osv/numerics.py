@@ -50,12 +50,11 @@ def require_finite(stage: str, quantities: dict, step: int | None = None, hint: 
                              + (f"; {hint}" if hint else ""))
 
 
-def require_finite_module(stage: str, module, what: str, step: int | None = None) -> None:
+def require_finite_module(stage: str, module, what: str) -> None:
     """Every parameter of a torch module finite (checked once, before a model is saved)."""
     import torch
 
     bad = [n for n, p in module.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        where = f" at step {step}" if step is not None else ""
-        raise NonFiniteError(f"osv {stage}: non-finite weights in {what}{where} ({len(bad)} tensors, "
+        raise NonFiniteError(f"osv {stage}: non-finite weights in {what} ({len(bad)} tensors, "
                              f"first: {bad[0]}); nothing was saved")

@@ -1,7 +1,7 @@
 """Load and validate params.yaml against workflow/schemas/params.schema.yaml.
 
 Every `osv` command calls `load_params` first, so bad input is refused with the
-offending key path before any output is written. `validate_config` and
+offending key path before any output is written. `validate` and
 `check_yaml_file` give the Snakefile the same gate; `osv check` runs it alone.
 """
 
@@ -144,11 +144,6 @@ def validate(params: dict, source: str = "params") -> dict:
         if run.get("override"):
             validate_merged(params, run["override"], f"{source}: train.runs.{name}.override")
     return params
-
-
-def validate_config(config: dict, source: str) -> dict:
-    """The full gate on an already-parsed dict (Snakemake's config); pair with check_yaml_file for duplicates."""
-    return validate(config, source)
 
 
 def validate_merged(params: dict, override: dict, source: str) -> dict:

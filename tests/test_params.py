@@ -182,14 +182,14 @@ def test_duplicate_keys_refused(tmp_path, old, new, needle):
 
 
 def test_snakemake_entry_points(tmp_path):
-    from osv.params import check_yaml_file, validate_config
+    from osv.params import check_yaml_file, validate
 
     for path in (ROOT / "params.yaml", ROOT / "workflow" / "scales" / "paper.yaml"):
-        validate_config(check_yaml_file(path), str(path))  # paper.yaml's anchors and aliases are no duplicates
+        validate(check_yaml_file(path), str(path))  # paper.yaml's anchors and aliases are no duplicates
     bad = copy.deepcopy(BASE)
     bad["lgp"]["steps"] = 80.0
     with pytest.raises(ParamsError, match=r"config: invalid parameters:\n  lgp\.steps: 80\.0"):
-        validate_config(bad, "config")
+        validate(bad, "config")
 
 
 def test_osv_check_command(tmp_path):
