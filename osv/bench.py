@@ -1,6 +1,7 @@
-"""`osv bench ...`: micro-benchmarks of sampling, the discriminator and the FVD features.
+"""`osv bench ...`: micro-benchmarks that print numbers (no timing is asserted in tests).
 
-sample: sampler speed and NFE; disc: discriminator iteration cost; fvd: feature-extractor throughput.
+sample: sampler speed and NFE; disc: discriminator iteration cost; fvd: feature-extractor throughput;
+vae: VAE training step; step: training step vs its floor; timing: the per-stage timing of a run.
 
 Each benchmark lives in its own module exposing `add_args(parser)` and `run(args)`. A module
 that is missing or fails to import only breaks its own subcommand (it fails when run, with
@@ -17,6 +18,9 @@ BENCHMARKS = [
     ("sample", "osv.bench_sample", "seconds per video and NFE: teacher vs student samplers"),
     ("disc", "osv.bench_disc", "discriminator iteration cost: latent upsampler vs VAE decoder"),
     ("fvd", "osv.bench_fvd", "FVD/FID feature-extractor throughput"),
+    ("vae", "osv.bench_vae", "seconds per VAE training step (crop, whole frame) and where they go"),
+    ("step", "osv.bench_step", "one training step (lgp, acd) vs the floor of its network evaluations"),
+    ("timing", "osv.bench_timing", "per-stage timing of a finished run (wall, CPU, peak RSS, start-up) as Markdown"),
 ]
 
 

@@ -1,7 +1,8 @@
 """The `osv` command: one subcommand per pipeline stage (see README and docs/design.md).
 
 Each command module exposes `register(subparsers)`, which adds its parser and sets
-`func`; heavy imports stay inside the command functions so `osv --help` is fast.
+`func`. Only the module of the command run is imported; `osv --help` imports none (several
+import torch at module level) and lists the commands from HELP.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import importlib
 import sys
 
+from osv import timing
 from osv.launch import LaunchError
 from osv.numerics import NonFiniteError
 from osv.params import ParamsError
@@ -30,21 +32,45 @@ COMMANDS = {
     "experiment": "osv.experiments.toy",
 }
 
+# command name -> its help line, as its module's register() words it (tests/test_timing.py checks):
+# what `osv --help` lists without importing a command module.
+HELP = {
+    "check": "validate params.yaml (schema, cross-key rules, every run's override)",
+    "data": "cut train/test clips (mp4) and write manifest.csv",
+    "weights": "Base models: small models from configs, or pinned hub weights.",
+    "vae": "train (embedded) or copy (paper) the video VAE; test PSNR",
+    "encode": "encode clips to latents, conditioning latents and CLIP embeddings",
+    "teacher": "Train (embedded) or link (paper) the SVD teacher; held-out metrics.",
+    "train": "One training run (stage 1 LGP or stage 2 ACD) of train.runs.",
+    "generate": "sample the test set for one method of eval.methods",
+    "fvd": "FVD / FID of one method's samples with the full protocol",
+    "report": "results.md, FVD-vs-NFE and training-curve plots",
+    "bench": "micro-benchmarks",
+    "experiment": "Small experiments on exact ground truth.",
+}
+
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of `command` (its module imported), or of the command list alone (nothing imported)."""
     parser = argparse.ArgumentParser(prog="osv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
-    for name in modules:
-        importlib.import_module(name).register(sub)
+    if command in COMMANDS:
+        importlib.import_module(COMMANDS[command]).register(sub)
+    else:  # --help, no command or a typo: argparse prints the list (or the error) and exits
+        for name, help_text in HELP.items():
+            sub.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv[0] if argv else None).parse_args(argv)
+    timing.mark_work_start()  # start-up ends here: interpreter, imports, argument parsing
     try:
-        return args.func(args) or 0
+        rc = args.func(args) or 0
+        # data, weights (and encode, generate in-process) keep a timing file; no-op for the others
+        timing.finish(args.command, getattr(args, "out", None), getattr(args, "method", None))
+        return rc
     except ParamsError as exc:
         print(f"osv {args.command}: {exc}", file=sys.stderr)
         return 2

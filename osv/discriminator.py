@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from osv.models import temporal_convs_as_conv2d
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FRONT_ENDS = ("latent", "vae")
@@ -110,7 +112,7 @@ class Discriminator(nn.Module):
         self.grid = backbone_input // cfg.patch_size
         self.decode_chunk = decode_chunk
         self.backbone = _freeze(backbone)
-        self.vae = _freeze(vae) if front_end == "vae" else None
+        self.vae = _freeze(temporal_convs_as_conv2d(vae)) if front_end == "vae" else None
         self.upsampler = LatentUpsampler(latent_channels, upsample_factor) if front_end == "latent" else None
         c = cfg.hidden_size
         self.heads = nn.ModuleDict({
@@ -184,20 +186,34 @@ class Discriminator(nn.Module):
             grids.append(tokens.transpose(1, 2).reshape(n, c, self.grid, self.grid))
         return grids
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [B, T, C, h, w] -> logits [B, K], K = layers · 2 · T · g²."""
+    @property
+    def frozen_front_end(self) -> bool:
+        """True when latents -> DINOv2 features has no trainable part (vae front end): the
+        features of a sample then do not change with a D update and can be reused."""
+        return self.upsampler is None
+
+    def features_of(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """latents [B, T, C, h, w] -> DINOv2 grids [B·T, C, g, g] per tapped block."""
         if latents.dim() != 5:
             raise ValueError(f"Discriminator expects latents [B, T, C, h, w], got {tuple(latents.shape)}")
-        b, t = latents.shape[:2]
+        return self.features(self.to_pixels(latents))
+
+    def logits(self, grids: list[torch.Tensor], b: int) -> torch.Tensor:
+        """The heads on `features_of` grids of b videos -> logits [B, K], K = layers · 2 · T · g²."""
         logits = []
         head_dtype = _dtype(self.heads)
-        for i, feat in enumerate(self.features(self.to_pixels(latents))):
+        for i, feat in enumerate(grids):
             feat = feat.to(head_dtype)
             n, c, g, _ = feat.shape
+            t = n // b
             logits.append(self.heads["spatial"][i](feat).reshape(b, t * g * g))
             seq = feat.reshape(b, t, c, g * g).permute(0, 3, 2, 1).reshape(b * g * g, c, t)
             logits.append(self.heads["temporal"][i](seq).reshape(b, g * g * t))
         return torch.cat(logits, dim=1).float()
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        """latents [B, T, C, h, w] -> logits [B, K]."""
+        return self.logits(self.features_of(latents), latents.shape[0])
 
 
 def _freeze(module: nn.Module) -> nn.Module:

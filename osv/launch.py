@@ -86,13 +86,18 @@ class StageCall:
         self.stage, self.fn, self.kwargs, self.tasks = stage, fn, dict(kwargs), tasks
 
     def __call__(self):
+        from osv import timing
+
+        timing.mark_work_start()  # the job's own start-up ends here: its interpreter, unpickling, imports
         if self.tasks > 1:
             export_distributed_env()
         _use_allocated_cpus()
         print(f"[osv {self.stage}] {describe()}", flush=True)
         # A stage function that calls run_stage itself must not submit again from the job.
         os.environ[ENV_MODE] = "none"
-        return self.fn(**self.kwargs)
+        result = self.fn(**self.kwargs)
+        timing.finish(self.stage, self.kwargs.get("out"), self.kwargs.get("method_name"))
+        return result
 
 
 def pin_threads(params: dict, stage: str) -> int:
@@ -153,10 +158,15 @@ def export_distributed_env() -> None:
 def run_stage(stage: str, fn: Callable, kwargs: dict, params: dict, checkpointable: bool = False,
               log_root: str | Path | None = None):
     """Run fn(**kwargs) for `stage` where OSV_LAUNCHER says; return its (rank-0) result."""
+    from osv import timing
+
     mode = launcher_mode()
     if mode == "none":
         pin_threads(params, stage)
-        return fn(**kwargs)
+        result = fn(**kwargs)
+        timing.finish(stage, kwargs.get("out"), kwargs.get("method_name"))
+        return result
+    timing.delegated()  # the job measures itself; this process only waits
     from osv.params import resources_for
 
     res = resources_for(params, stage)

@@ -50,7 +50,7 @@ def build_small_vae(seed: int = 0):
     from diffusers import AutoencoderKLTemporalDecoder
 
     torch.manual_seed(seed)
-    return AutoencoderKLTemporalDecoder(**small_config("vae"))
+    return temporal_convs_as_conv2d(AutoencoderKLTemporalDecoder(**small_config("vae")))
 
 
 def build_small_image_encoder(seed: int = 0):
@@ -88,7 +88,9 @@ def load_pipeline(folder: str | Path, unet_folder: str | Path | None = None):
     kwargs = {}
     if unet_folder is not None:
         kwargs["unet"] = load_unet(unet_folder)
-    return StableVideoDiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    pipe = StableVideoDiffusionPipeline.from_pretrained(str(folder), **kwargs)
+    temporal_convs_as_conv2d(pipe.vae)
+    return pipe
 
 
 def load_unet(folder: str | Path):
@@ -104,7 +106,7 @@ def load_vae(folder: str | Path):
 
     folder = Path(folder)
     sub = folder / "vae" if (folder / "vae").is_dir() else folder
-    return AutoencoderKLTemporalDecoder.from_pretrained(str(sub))
+    return temporal_convs_as_conv2d(AutoencoderKLTemporalDecoder.from_pretrained(str(sub)))
 
 
 def load_image_encoder(folder: str | Path):
@@ -119,6 +121,26 @@ def load_dinov2(folder: str | Path):
     from transformers import Dinov2Model
 
     return Dinov2Model.from_pretrained(str(folder))
+
+
+class TemporalConv(torch.nn.Conv3d):
+    """A (k, 1, 1) Conv3d (the SVD VAE decoder's temporal layers) run as a Conv2d over [B, C, T, H·W]:
+    the same sums (round-off aside), but CPU kernels then take the oneDNN path instead of
+    slow_conv3d, ~2.5x faster forward + backward at the embedded shapes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.conv2d(x.flatten(3), self.weight.flatten(3), self.bias, padding=(self.padding[0], 0))
+        return y.unflatten(3, x.shape[3:])
+
+
+def temporal_convs_as_conv2d(vae: torch.nn.Module) -> torch.nn.Module:
+    """Switch the VAE's (k, 1, 1) Conv3d layers to TemporalConv in place (same parameters, keys, saved files)."""
+    for m in vae.modules():
+        if (type(m) is torch.nn.Conv3d and m.kernel_size[1:] == (1, 1) and m.padding[1:] == (0, 0)
+                and m.stride == (1, 1, 1) and m.dilation == (1, 1, 1) and m.groups == 1
+                and m.padding_mode == "zeros"):
+            m.__class__ = TemporalConv
+    return vae
 
 
 def count_parameters(module: torch.nn.Module) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 from osv.atomic import write_json
@@ -41,15 +42,36 @@ def git_state(cwd: str | Path = ".") -> dict:
 def record(params: dict, stage: str, key: str | None = None, *, precision: str, device: str = "cpu",
            weights: str | None = None) -> dict:
     """The provenance of one stage instance's outputs."""
-    import torch
-
     from osv import __version__
     from osv.dependencies import fingerprint
-    from osv.precision import describe_device
 
     return {"stage": stage, "instance": key, **git_state(), "params_sha256": fingerprint(params, stage, key),
-            "precision": precision, **describe_device(device), "torch": torch.__version__, "osv": __version__,
+            "precision": precision, **_device(device), "torch": _torch_version(), "osv": __version__,
             "weights": weights or weights_description(params)}
+
+
+def _device(device: str) -> dict:
+    """osv.precision.describe_device, without importing torch (1.4 s) in a stage that never loaded it
+    (report): its threads are then the ones it was granted (osv.timing.compute_threads)."""
+    from osv.precision import cpu_flags, cpu_name, describe_device
+    from osv.timing import compute_threads
+
+    if "torch" in sys.modules:
+        return describe_device(device)
+    flags = cpu_flags()
+    return {"device": device, "cpu": cpu_name(), "threads": compute_threads(),
+            "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "bf16"})}
+
+
+def _torch_version() -> str | None:
+    if "torch" in sys.modules:
+        return sys.modules["torch"].__version__
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("torch")
+    except PackageNotFoundError:
+        return None
 
 
 def weights_description(params: dict) -> str:
@@ -94,10 +116,14 @@ def require_finite_metrics(stage: str, result: dict, path: str | Path) -> None:
 
 
 def write_metrics(path: str | Path, result: dict, provenance: dict) -> None:
-    """Numbers to `path`, the rest with the provenance beside it; a non-finite number writes nothing."""
+    """Numbers to `path`, the rest with the provenance beside it; a non-finite number writes nothing.
+    The provenance also gets this process's timing (osv.timing): write_metrics runs where the stage's
+    work runs (in-process or in its submitit job), at its end."""
+    from osv.timing import measure
+
     require_finite_metrics(provenance["stage"], result, path)
     numbers, text = split(result)
-    write_json(provenance_path(path), {**provenance, "results": text})
+    write_json(provenance_path(path), {**provenance, "timing": measure(), "results": text})
     write_json(path, numbers)
 
 

@@ -121,6 +121,30 @@ def test_bad_disc_params_are_refused():
         Discriminator.from_params(PARAMS, ROOT / "no-such-dinov2")
 
 
+@pytest.mark.parametrize("front_end", ["latent", "vae"])
+def test_features_then_logits_is_forward(discs, front_end):
+    """train_step reuses the vae front end's features of the fake for the D and G updates."""
+    disc, x = discs[front_end], torch.randn(2, 3, 4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(disc.logits(disc.features_of(x), 2), disc(x))
+    assert disc.frozen_front_end == (front_end == "vae")
+
+
+def test_vae_temporal_convs_run_as_conv2d_with_the_same_output(discs):
+    from osv.models import TemporalConv
+
+    reference, vae = build_small_vae(seed=2).eval(), discs["vae"].vae
+    for m in reference.modules():  # the stock diffusers layers
+        if isinstance(m, TemporalConv):
+            m.__class__ = torch.nn.Conv3d
+    assert not any(type(m) is torch.nn.Conv3d for m in vae.modules())
+    assert any(isinstance(m, TemporalConv) for m in vae.modules())
+    z = torch.randn(6, 4, 4, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(z, num_frames=3).sample, reference.decode(z, num_frames=3).sample,
+                                   rtol=1e-5, atol=1e-5)
+
+
 def test_from_params_loads_a_dinov2_folder(tmp_path):
     build_small_dinov2(seed=4).save_pretrained(tmp_path / "dinov2")
     disc = Discriminator.from_params(PARAMS, tmp_path / "dinov2")

@@ -345,6 +345,18 @@ def other_metrics_section(metrics_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def timing_section(params: dict, metrics_dir: Path, samples_dir: Path, out: Path) -> str:
+    """Per stage kind: what every job recorded where it ran (osv/timing.py); the report's own row is
+    this process up to writing reports/metrics.json. data, weights and encode keep theirs beside
+    their output folders in the workspace that holds `metrics_dir`."""
+    from osv.timing import run_table
+
+    note = ("Wall time runs from each job's process start (its own process under submitit) to the end of "
+            "its work; CPU time is user+sys, child processes included; start-up is process start to the "
+            "stage's command (or job) function: interpreter, imports, argument parsing.\n\n")
+    return note + run_table(params, metrics_dir.parent, metrics=metrics_dir, samples=samples_dir, reports=out)
+
+
 # ---------------------------------------------------------------- the report
 
 def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> Path:
@@ -400,6 +412,9 @@ once here; the paper's columns come from {PAPER_PROTOCOL}. The two protocols dif
 
 ## Other stage metrics
 
-{other_metrics_section(metrics_dir)}"""
+{other_metrics_section(metrics_dir)}
+## Timing
+
+{timing_section(params, metrics_dir, samples_dir, out)}"""
     write_text(out / "results.md", text)
     return out / "results.md"

@@ -160,23 +160,24 @@ class Data:
 @contextlib.contextmanager
 def ema_weights(nets: Nets):
     """Swap θ⁻ into the student's trainable parameters for the target forward (no grad)."""
-    backup = {n: p.detach().clone() for n, p in nets.trainable.items()}
+    params, ema = list(nets.trainable.values()), [nets.ema[n] for n in nets.trainable]
     with torch.no_grad():
-        for n, p in nets.trainable.items():
-            p.copy_(nets.ema[n])
+        backup = [p.detach().clone() for p in params]
+        torch._foreach_copy_(params, ema)
     try:
         yield
     finally:
         with torch.no_grad():
-            for n, p in nets.trainable.items():
-                p.copy_(backup[n])
+            torch._foreach_copy_(params, backup)
 
 
 def ema_update(nets: Nets, decay: float) -> None:
-    """θ⁻ ← decay·θ⁻ + (1 − decay)·θ over the trainable parameters."""
+    """θ⁻ ← decay·θ⁻ + (1 − decay)·θ over the trainable parameters (fused: the same ops as a per-tensor
+    mul_/add_ loop, so the same numbers)."""
     with torch.no_grad():
-        for n, p in nets.trainable.items():
-            nets.ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
+        ema = [nets.ema[n] for n in nets.trainable]
+        torch._foreach_mul_(ema, decay)
+        torch._foreach_add_(ema, [p.detach() for p in nets.trainable.values()], alpha=1 - decay)
 
 
 def lgp_targets(nets: Nets, x0, cond, sigmas, params, step, slots, prec):
@@ -253,10 +254,19 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
             raise NonFiniteLossError(f"osv train: non-finite loss on another rank at step {state.step}; stopping "
                                      f"without checkpointing (last good checkpoint: {state.last_checkpoint})")
 
+    # With a frozen front end (vae) the fake's VAE decode + DINOv2 features do not depend on D:
+    # computed once, with the graph the G step backpropagates through; the D step uses them detached.
+    fake_grids = None
+    if nets.disc is not None and nets.disc.frozen_front_end:
+        with prec.autocast():
+            fake_grids = nets.disc.features_of(fake)
     if nets.disc is not None:  # discriminator step
         set_requires_grad(d_params, True)
         with prec.autocast():
-            logits_real, logits_fake = nets.disc(real.detach()), nets.disc(fake.detach())
+            logits_real = nets.disc(real.detach())
+            logits_fake = (nets.disc.logits([g.detach() for g in fake_grids], fake.shape[0])
+                           if fake_grids is not None
+                           else nets.disc(fake.detach()))
         loss_d = d_hinge_loss(logits_real, logits_fake)
         guard({"loss_d": loss_d})
         state.opt_d.zero_grad(set_to_none=True)
@@ -271,7 +281,8 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
     loss_g = loss_distance * injected("train", state.step)
     if nets.disc is not None:
         with prec.autocast():
-            adv = g_loss(nets.disc(fake), cfg["generator_loss"])
+            logits = nets.disc.logits(fake_grids, fake.shape[0]) if fake_grids is not None else nets.disc(fake)
+            adv = g_loss(logits, cfg["generator_loss"])
         loss_g = loss_g + cfg["lambda_adv"] * adv
         log["loss_g_adv"] = float(adv.detach())
     guard({"loss_g": loss_g})

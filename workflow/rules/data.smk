@@ -6,6 +6,8 @@ rule data:
         code=code_files("data"),
     output:
         directory("data/clips"),
+        # this job's timing (osv/timing.py): beside the folder, whose hash later stages depend on
+        timing="data/clips.timing.json",
     params:
         deps=stage_params("data"),
     log:
@@ -21,6 +23,7 @@ rule weights:
         code=code_files("weights"),
     output:
         directory("models/base"),
+        timing="models/base.timing.json",
     params:
         deps=stage_params("weights"),
     log:
@@ -62,6 +65,7 @@ rule encode:
         # The index, written last. The shards beside it are resumable work, not a declared output:
         # Snakemake would delete a failed job's outputs, and a rerun reuses every intact shard.
         "data/latents/index.json",
+        timing="data/latents.timing.json",
     params:
         deps=stage_params("encode"),
     log:
