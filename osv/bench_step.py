@@ -161,7 +161,7 @@ def components(nets, params: dict, stage: str, batch: dict, sigmas, repeats: int
 
 def optimiser_seconds(nets, state, stage: str, params: dict, repeats: int, warmup: int) -> float:
     """Adam steps on G and D + the EMA update (not a network evaluation: shown, not in the floor)."""
-    from osv.train.distill import ema_update
+    from osv.train.objectives import ema_update
 
     params_all = list(nets.trainable.values()) + (nets.disc.trainable_parameters() if nets.disc else [])
     saved = [p.detach().clone() for p in params_all]

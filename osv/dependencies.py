@@ -30,7 +30,7 @@ STAGE_KEYS = {
     "generate": ["eval.seed", "eval.num_clips", "eval.batch_size", "sde", "conditioning", "data.frames", "data.fps",
                  "data.resolution", "weights.source"],
     "fvd": ["scale", "eval.seed", "eval.num_clips", "eval.batch_size", "eval.fvd_backbone", "eval.fid_backbone",
-            "data.frames", "data.fps", "data.resolution", "weights", "disc.backbone_input"],
+            "eval.bootstrap", "data.frames", "data.fps", "data.resolution", "weights", "disc.backbone_input"],
     "report": ["eval.methods"],
 }
 

@@ -268,6 +268,12 @@ def test_evaluate_method_writes_metric_json(tmp_path, real_halves):
     assert proto["weights"] == "small models built from configs (not SVD)"
     assert proto["teacher_sha256"] == "ab" * 32 and proto["seeds"] == [1, 2]
     assert any("400" in w for w in saved["warnings"])
+    # KVD with a bootstrap interval over the 10 clips; the replicates live in the provenance file
+    boot = params["eval"]["bootstrap"]
+    assert saved["kvd"] > 0 and proto["bootstrap"]["resamples"] == boot["resamples"]
+    assert len(saved["replicates"]["kvd"]) == boot["resamples"] and "replicates" not in numbers
+    assert saved["kvd_ci"]["low"] < saved["kvd"] < saved["kvd_ci"]["high"]
+    assert saved["fvd_ci"]["low"] < saved["fvd_ci"]["high"]
 
 
 def test_evaluate_method_refuses_wrong_frame_count(tmp_path, real_halves):

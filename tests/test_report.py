@@ -165,3 +165,31 @@ def test_missing_row_says_which_job_failed_and_why(project, monkeypatch):
     text = write_report(params, root / "metrics", root / "samples", root / "plots", root / "reports").read_text()
     assert ("`osv_4`: not produced (metrics/eval/osv_4.json missing; logs/train/stage2.log: osv train stage2: "
             "non-finite loss_g at step 2 (loss_g=nan))") in text
+
+
+def test_paired_differences_read_the_interval_against_the_paper(monkeypatch):
+    """Each Table 2 row minus the paper's best row of its ablation, with the paired interval; the
+    verdict is the paper's sign against ours, inconclusive when the interval holds 0."""
+    from osv.eval.report import paired_rows, paired_section, verdict
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(1.0, 0.1, 200)
+
+    def row(shift: float, spread: float = 0.0) -> dict:
+        reps = base + shift + rng.normal(0, spread, 200) if spread else base + shift
+        return {"fvd": 100 + shift, "kvd": 1.0 + shift, "protocol": {"bootstrap": {"level": 0.95}},
+                "replicates": {"fvd": list(reps * 100), "kvd": list(reps)}}
+
+    same = {"osv_tts": row(0.0), "abl_a_m1_tts": row(0.3), "abl_e_vae_disc_tts": row(0.0, spread=0.2),
+            "abl_h_high_only_tts": row(-0.3)}
+    rows = {r["method"]: r for r in paired_rows(same)}
+    assert set(rows) == {"abl_a_m1_tts", "abl_e_vae_disc_tts", "abl_h_high_only_tts"}
+    a = rows["abl_a_m1_tts"]
+    assert a["reference"] == "osv_tts" and a["paper"] == pytest.approx(332.25 - 171.15)
+    assert a["kvd"][0] == pytest.approx(0.3) and a["kvd"][1] == pytest.approx((0.3, 0.3))
+    assert verdict(a["paper"], a["kvd"][1]) == "same direction"
+    assert verdict(rows["abl_e_vae_disc_tts"]["paper"], rows["abl_e_vae_disc_tts"]["kvd"][1]).startswith("inconclusive")
+    # (h): the paper's best is "low then high" (full OSV); high only is worse there, better here
+    assert verdict(rows["abl_h_high_only_tts"]["paper"], rows["abl_h_high_only_tts"]["kvd"][1]) == "opposite direction"
+    text = paired_section(same)
+    assert "| a | m = 1 vs full OSV | 161.10 |" in text and "training randomness" in text

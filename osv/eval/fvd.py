@@ -21,6 +21,8 @@ from osv.params import ParamsError, load_params
 
 # Below about this many clips the 400-d I3D covariance is singular (environment.md).
 MIN_CLIPS_FOR_STABLE_COVARIANCE = 400
+# Below this, resamples of clips are mostly duplicates: no interval is worth printing.
+MIN_CLIPS_FOR_INTERVALS = 8
 
 
 def register(subparsers) -> None:
@@ -46,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     kwargs = dict(params=params, method=args.method, samples=args.samples, clips=args.clips, base=args.base,
                   out=args.out, cache_dir=args.cache_dir or None, device=args.device)
     result = run_stage("fvd", evaluate_method, kwargs, params)
-    print(json.dumps({k: result[k] for k in ("fvd", "fid", "nfe", "sec_per_video")}))
+    print(json.dumps({k: result[k] for k in ("fvd", "fid", "kvd", "nfe", "sec_per_video")}))
     return 0
 
 
@@ -134,6 +136,7 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
 
     from osv.eval.features import clip_features, frame_extractor, video_extractor
     from osv.eval.frechet import frechet_from_features
+    from osv.eval.intervals import kernel_distance
     from osv.numerics import injected
     from osv.provenance import record, require_finite_metrics, write_metrics
     from osv.video import load_clip, read_frames
@@ -157,15 +160,37 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
         "method": method,
         "fvd": frechet_from_features(real["video"], gen["video"]) * injected("fvd", 0),
         "fid": frechet_from_features(real["frame"], gen["frame"]),
+        "kvd": kernel_distance(real["video"], gen["video"]),
         "nfe": meta["nfe"],
         "sec_per_video": meta["sec_per_video"],
         "protocol": build_protocol(params, video_ext, frame_ext, len(real_paths), len(gen_paths), meta),
         "warnings": protocol_warnings(len(real_paths), len(gen_paths), video_ext.dim),
     }
+    result.update(intervals(ev["bootstrap"], real["video"], gen["video"], real_paths, meta))
+    result["protocol"]["bootstrap"] = {**ev["bootstrap"], "unit": "test clip, paired across methods"}
     require_finite_metrics("fvd", result, out)  # before the DINOv2 pass: a NaN FVD is not worth it
     result["dinov2_mse"] = dinov2_mse(params, base, clips, gen_paths, meta, load_real, load_gen, device)
     write_metrics(out, result, record(params, "fvd", method, precision="fp32", device=torch.device(device).type))
     return result
+
+
+def intervals(boot: dict, real: np.ndarray, gen: np.ndarray, real_paths: list[Path], meta: dict) -> dict:
+    """Bootstrap intervals of FVD and KVD over test clips (osv.eval.intervals), and the replicates,
+    which the report pairs across methods. Sample i must start from test clip i (meta.json clip_ids)."""
+    from osv.eval.intervals import bootstrap, interval
+
+    if not boot["resamples"]:
+        return {}
+    if len(real) < MIN_CLIPS_FOR_INTERVALS:
+        return {"interval_warning": f"no bootstrap intervals: {len(real)} clips (< {MIN_CLIPS_FOR_INTERVALS})"}
+    ids = meta.get("clip_ids")
+    real_ids = [f"{p.parent.name}/{p.stem}" for p in real_paths]
+    if len(gen) != len(real) or (ids is not None and list(ids) != real_ids):
+        raise ValueError(f"paired bootstrap: the {len(gen)} samples do not start from the {len(real)} real test "
+                         f"clips in manifest order (meta.json clip_ids {ids[:3] if ids else None}...)")
+    reps = bootstrap(real, gen, boot["resamples"], boot["seed"])
+    ci = {f"{k}_ci": dict(zip(("low", "high"), interval(v, boot["level"]))) for k, v in reps.items()}
+    return {**ci, "replicates": reps}  # lists: kept in the provenance file, read back by the report
 
 
 def protocol_warnings(n_real: int, n_gen: int, dim: int) -> list[str]:

@@ -136,17 +136,26 @@ def why_missing(method: str, methods: dict, logs: Path = Path("logs")) -> str:
 
 
 def _ours(method: str | None, same: dict, other: dict, methods: dict) -> tuple[list, str]:
-    """Our NFE, s/video, FVD, FID for a paper row and a note on why a cell is empty."""
+    """Our NFE, s/video, FVD, FID, KVD for a paper row and a note on why a cell is empty."""
     if method is None:
-        return [None] * 4, ""
+        return [None] * 5, ""
     if method not in methods:
-        return [None] * 4, f"`{method}` is not in eval.methods"
+        return [None] * 5, f"`{method}` is not in eval.methods"
     if method in other:
-        return [None] * 4, f"`{method}`: different protocol (see below)"
+        return [None] * 5, f"`{method}`: different protocol (see below)"
     if method not in same:
-        return [None] * 4, f"`{method}`: not produced (metrics/eval/{method}.json missing{why_missing(method, methods)})"
+        return [None] * 5, f"`{method}`: not produced (metrics/eval/{method}.json missing{why_missing(method, methods)})"
     m = same[method]
-    return [m.get("nfe"), m.get("sec_per_video"), m.get("fvd"), m.get("fid")], f"`{method}`"
+    return [m.get("nfe"), m.get("sec_per_video"), with_ci(m, "fvd"), m.get("fid"), with_ci(m, "kvd", 3)], \
+        f"`{method}`"
+
+
+def with_ci(m: dict, key: str, digits: int = 2) -> str | None:
+    """'value [low, high]' where osv fvd recorded a bootstrap interval, else the value."""
+    value, ci = m.get(key), m.get(f"{key}_ci")
+    if value is None or not ci:
+        return value if value is None else fmt(value, digits)
+    return f"{fmt(value, digits)} [{fmt(ci['low'], digits)}, {fmt(ci['high'], digits)}]"
 
 
 def table1(same: dict, other: dict, methods: dict) -> str:
@@ -160,8 +169,8 @@ def table1(same: dict, other: dict, methods: dict) -> str:
         elif r["fvd"] is None:
             note += "; not reported in the paper"
         rows.append([r["label"], r["steps"], *ours, r["nfe"], r["fvd"], note])
-    header = ["method", "steps", "NFE", "s / video", "FVD (ours)", "FID (ours)", "NFE (paper)", "FVD (paper)",
-              "row"]
+    header = ["method", "steps", "NFE", "s / video", "FVD (ours)", "FID (ours)", "KVD (ours)", "NFE (paper)",
+              "FVD (paper)", "row"]
     return md_table(header, rows)
 
 
@@ -172,8 +181,64 @@ def table2(same: dict, other: dict, methods: dict) -> str:
     for r in TABLE2:
         ours, note = _ours(r["method"], same, other, methods)
         rows.append([r["id"], r["ablation"], r["setting"], *ours, r["fvd"], note])
-    header = ["id", "ablation", "setting", "NFE", "s / video", "FVD (ours)", "FID (ours)", "FVD (paper)", "row"]
+    header = ["id", "ablation", "setting", "NFE", "s / video", "FVD (ours)", "FID (ours)", "KVD (ours)",
+              "FVD (paper)", "row"]
     return md_table(header, rows)
+
+
+def paired_rows(same: dict) -> list[dict]:
+    """Every Table 2 row against the paper's best row of its ablation (the full OSV row for an ablation
+    with one row): the paper's difference and ours,
+    with the interval of ours from replicates paired by test clip (osv.eval.intervals)."""
+    from osv.eval.intervals import paired_difference
+    from osv.paper import TABLE2
+
+    full_osv = next(r for r in TABLE2 if r["method"] == "osv_tts")
+    out = []
+    for ab in dict.fromkeys(r["id"] for r in TABLE2):
+        group = [r for r in TABLE2 if r["id"] == ab]
+        best = min(group, key=lambda r: r["fvd"]) if len(group) > 1 else full_osv  # (b), (d): one row each
+        for r in group:
+            a, b = same.get(r["method"]), same.get(best["method"])
+            if r is best or a is None or b is None:
+                continue
+            versus = "full OSV" if best is full_osv else best["setting"]
+            row = dict(id=ab, ablation=r["ablation"], setting=r["setting"], versus=versus,
+                       method=r["method"], reference=best["method"], paper=r["fvd"] - best["fvd"])
+            for key in ("fvd", "kvd"):
+                reps = [m.get("replicates", {}).get(key) for m in (a, b)]
+                level = (a["protocol"].get("bootstrap") or {}).get("level", 0.95)
+                row[key] = (a[key] - b[key], paired_difference(*reps, level) if all(reps) else None)
+            out.append(row)
+    return out
+
+
+def verdict(paper: float, ci: tuple[float, float] | None) -> str:
+    """The paper's sign against our interval: reproduced, opposite, or inconclusive."""
+    if ci is None:
+        return "no interval"
+    if ci[0] > 0 or ci[1] < 0:
+        return "same direction" if (ci[0] > 0) == (paper > 0) else "opposite direction"
+    return "inconclusive (interval holds 0)"
+
+
+def paired_section(same: dict) -> str:
+    rows = paired_rows(same)
+    if not rows:
+        return "No pair of Table 2 rows was scored under this protocol.\n"
+    cells = []
+    for r in rows:
+        diff = {k: "—" if r[k][1] is None else f"{fmt(r[k][0], 3)} [{fmt(r[k][1][0], 3)}, {fmt(r[k][1][1], 3)}]"
+                for k in ("fvd", "kvd")}
+        cells.append([r["id"], f"{r['setting']} vs {r['versus']}", fmt(r["paper"]), diff["fvd"], diff["kvd"],
+                      verdict(r["paper"], r["kvd"][1]), f"`{r['method']}` - `{r['reference']}`"])
+    header = ["id", "comparison", "ΔFVD (paper)", "ΔFVD (ours)", "ΔKVD (ours)", "ours vs paper (KVD)", "rows"]
+    return ("Each ablation row minus the paper's best row of the same ablation (positive: worse than it). "
+            "Our differences carry percentile intervals from bootstrap replicates over test clips, paired "
+            "across methods (the same resampled clips for both rows); the verdict reads the KVD interval, "
+            "whose estimate has no clip-count bias. The intervals cover the choice of test clips only, not "
+            "training randomness (one training seed per row): a difference that is small against the "
+            "rows' own values can still change with another seed.\n\n" + md_table(header, cells) + "\n")
 
 
 def table3(same: dict) -> str:
@@ -372,7 +437,8 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> 
     write_fvd_vs_nfe(fvd_vs_nfe_rows(same, methods), plots_dir / "fvd_vs_nfe.csv", out / "fvd_vs_nfe.png",
                      reference)
     runs = write_train_curves(plots_dir / "train", out / "train_curves.png")
-    summary = {n: {k: m.get(k) for k in ("fvd", "fid", "nfe", "sec_per_video")} for n, m in same.items()}
+    summary = {n: {k: m.get(k) for k in ("fvd", "fid", "kvd", "nfe", "sec_per_video") if m.get(k) is not None}
+               for n, m in same.items()}
     write_metrics(out / "metrics.json", {"protocol": reference, "methods": summary, "other_protocol": sorted(other)},
                   record(params, "report", precision="n/a (copies the fvd stage's numbers)"))
     curves = ("![training curves](train_curves.png)\n\nRuns: " + ", ".join(runs)) if runs else \
@@ -396,6 +462,9 @@ once here; the paper's columns come from {PAPER_PROTOCOL}. The two protocols dif
 
 {table2(same, other, methods)}
 
+### Paired differences: does each ablation move the way the paper's does?
+
+{paired_section(same)}
 ## Table 3: MSE of DINOv2 features (paper Table 3)
 
 {table3(same)}

@@ -3,14 +3,11 @@
 Four networks: the student θ (the teacher UNet + LoRA, plus unfrozen layers in stage 2), its
 EMA θ⁻ (a copy of the trainable tensors only, swapped in for the target forward), the frozen
 teacher φ (stage 2) and the discriminator ψ (frozen DINOv2 + trainable upsampler and heads).
-Each iteration: one discriminator step, one student step, one EMA update.
+Each iteration: one discriminator step, one student step, one EMA update, on the (real, fake,
+distance) of the stage's objective (osv.train.objectives):
 
-  LGP: n ~ U{0..N-1}, x = x0 + σ_n ε, x̂ = f_θ(x, σ_n);
-       D: hinge(D(x0), D(x̂.detach()));  G: λ_adv·g_loss(D(x̂)) + d(x0, x̂).
-  ACD: n ~ U{0..N-1-m}, x_{n+m} = x0 + σ_{n+m} ε; x̂_n = m Euler sub-steps of the CFG teacher;
-       y = f_θ⁻(x̂_n, σ_n) (no grad), ŷ = f_θ(x_{n+m}, σ_{n+m});
-       D: hinge(D(y), D(ŷ.detach()));  G: λ_adv·g_loss(D(ŷ)) + λ(σ_n)·d(y, ŷ).
-λ(σ_n) uses the gap σ_{n+m} − σ_n that the student's jump spans (the AnimateLCM gap for m = 1).
+  D: hinge(D(real), D(fake.detach()));  G: λ_adv·g_loss(D(fake)) + mean distance.
+
 λ_adv = 0 builds no discriminator at all (ablation d). Stage 1 keeps an EMA too (decay
 lgp.ema_decay), so that stage 2 starts from stage 1's student, EMA and discriminator.
 
@@ -23,7 +20,6 @@ OSV_SIGNAL_AT_STEP=k makes the process send itself SIGTERM before iteration k (c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import signal
@@ -157,68 +153,6 @@ class Data:
 # ----------------------------------------------------------------------------- one iteration
 
 
-@contextlib.contextmanager
-def ema_weights(nets: Nets):
-    """Swap θ⁻ into the student's trainable parameters for the target forward (no grad)."""
-    params, ema = list(nets.trainable.values()), [nets.ema[n] for n in nets.trainable]
-    with torch.no_grad():
-        backup = [p.detach().clone() for p in params]
-        torch._foreach_copy_(params, ema)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_(params, backup)
-
-
-def ema_update(nets: Nets, decay: float) -> None:
-    """θ⁻ ← decay·θ⁻ + (1 − decay)·θ over the trainable parameters (fused: the same ops as a per-tensor
-    mul_/add_ loop, so the same numbers)."""
-    with torch.no_grad():
-        ema = [nets.ema[n] for n in nets.trainable]
-        torch._foreach_mul_(ema, decay)
-        torch._foreach_add_(ema, [p.detach() for p in nets.trainable.values()], alpha=1 - decay)
-
-
-def lgp_targets(nets: Nets, x0, cond, sigmas, params, step, slots, prec):
-    """Stage 1: (real, fake, distance per sample) with real = x0 and fake = x̂ = f_θ(x0 + σ_n ε, σ_n)."""
-    from osv.losses import pseudo_huber
-    from osv.train.loop import sample_randn, sample_uniform_int
-
-    cfg, seed = params["lgp"], params["seed"]
-    n = sample_uniform_int(len(sigmas), seed, step, slots).to(x0.device)
-    sigma = sigmas[n]
-    x = x0 + sigma.reshape(-1, 1, 1, 1, 1) * sample_randn(x0.shape[1:], seed, step, slots, device=x0.device)
-    with prec.autocast():
-        fake = nets.student_fn.consistency_fn(x, sigma, cond).float()
-    distance = pseudo_huber(x0, fake, cfg["huber_c"], cfg["huber_mode"], reduce=False)
-    return x0, fake, distance
-
-
-def acd_targets(nets: Nets, x0, cond, sigmas, params, step, slots, prec):
-    """Stage 2: (real, fake, λ(σ_n)·distance per sample) with real = y = f_θ⁻(teacher solve), fake = ŷ."""
-    from osv.losses import distance_weight, pseudo_huber
-    from osv.samplers import guidance_ramp
-    from osv.solver import euler_solve, teacher_step_sigmas
-    from osv.train.loop import sample_randn, sample_uniform_int
-
-    cfg, seed, m = params["acd"], params["seed"], params["acd"]["m"]
-    n = sample_uniform_int(len(sigmas) - m, seed, step, slots).to(x0.device)
-    sigma_n, sigma_nm = sigmas[n], sigmas[n + m]
-    x_nm = x0 + sigma_nm.reshape(-1, 1, 1, 1, 1) * sample_randn(x0.shape[1:], seed, step, slots, device=x0.device)
-    w = guidance_ramp(cfg["cfg"]["max"], x0.shape[1], cfg["cfg"]["min"]).to(x0.device)
-    with torch.no_grad(), prec.autocast():
-        x_n = euler_solve(nets.teacher_fn, x_nm, teacher_step_sigmas(sigmas, n, m), cond,
-                          w if float(w.max()) > 1 else None).float()
-        with ema_weights(nets):
-            real = nets.student_fn.consistency_fn(x_n, sigma_n, cond).float()
-    with prec.autocast():
-        fake = nets.student_fn.consistency_fn(x_nm, sigma_nm, cond).float()
-    weight = distance_weight(sigma_n, sigma_nm, cfg["weighting"]).to(fake)
-    distance = weight * pseudo_huber(real, fake, cfg["huber_c"], cfg["huber_mode"], reduce=False)
-    return real, fake, distance
-
-
 def set_requires_grad(params, flag: bool) -> None:
     for p in params:
         p.requires_grad_(flag)
@@ -233,6 +167,7 @@ def train_step(nets: Nets, state: State, batch: dict, slots, params: dict, stage
     from osv.numerics import injected
     from osv.train.distributed import any_flag, average_gradients
     from osv.train.loop import NonFiniteLossError, check_finite
+    from osv.train.objectives import acd_targets, ema_update, lgp_targets
 
     cfg, clip = params[stage], params["train"]["grad_clip"]
     x0 = batch["latents"].float()
