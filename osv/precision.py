@@ -62,13 +62,16 @@ def resolve(requested: str, device: str, key: str) -> str:
     return requested
 
 
+def precision_flags() -> list[str]:
+    """The CPU flags that bear on precision and speed (bf16, AMX, AVX-512, AVX2), for provenance."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in {"avx2", "bf16"})
+
+
 def describe_device(device: str) -> dict:
     """What a metric was computed on: device name, the CPU's bf16/AVX-512 flags, threads."""
     import torch
 
-    flags = cpu_flags()
-    out = {"device": device, "cpu": cpu_name(), "threads": torch.get_num_threads(),
-           "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "bf16"})}
+    out = {"device": device, "cpu": cpu_name(), "threads": torch.get_num_threads(), "cpu_flags": precision_flags()}
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out

@@ -53,14 +53,12 @@ def record(params: dict, stage: str, key: str | None = None, *, precision: str, 
 def _device(device: str) -> dict:
     """osv.precision.describe_device, without importing torch (1.4 s) in a stage that never loaded it
     (report): its threads are then the ones it was granted (osv.timing.compute_threads)."""
-    from osv.precision import cpu_flags, cpu_name, describe_device
+    from osv.precision import cpu_name, describe_device, precision_flags
     from osv.timing import compute_threads
 
     if "torch" in sys.modules:
         return describe_device(device)
-    flags = cpu_flags()
-    return {"device": device, "cpu": cpu_name(), "threads": compute_threads(),
-            "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "bf16"})}
+    return {"device": device, "cpu": cpu_name(), "threads": compute_threads(), "cpu_flags": precision_flags()}
 
 
 def _torch_version() -> str | None:

@@ -123,11 +123,10 @@ def finish(stage: str, out: str | os.PathLike | None, instance: str | None = Non
     if path is None or _state["delegated"] or rank != "0" or not path.parent.is_dir():
         return None
     from osv.atomic import write_json
-    from osv.precision import cpu_flags, cpu_name  # no torch
+    from osv.precision import cpu_name, precision_flags  # no torch
 
-    flags = cpu_flags()
     write_json(path, {"stage": stage, "instance": instance, "cpu": cpu_name(),
-                      "cpu_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in {"avx2", "bf16"}),
+                      "cpu_flags": precision_flags(),
                       "timing": measure()})
     return path
 
