@@ -29,7 +29,7 @@ COMMANDS = {
     "fvd": "osv.eval.fvd",
     "report": "osv.eval.report",
     "bench": "osv.bench",
-    "experiment": "osv.experiments.toy",
+    "experiment": "osv.experiments.claims",
 }
 
 # command name -> its help line, as its module's register() words it (tests/test_timing.py checks):
@@ -46,7 +46,7 @@ HELP = {
     "fvd": "FVD / FID of one method's samples with the full protocol",
     "report": "results.md, FVD-vs-NFE and training-curve plots",
     "bench": "micro-benchmarks",
-    "experiment": "Small experiments on exact ground truth.",
+    "experiment": "The paper's claims on a miniature with an exact teacher.",
 }
 
 

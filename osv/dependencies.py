@@ -28,16 +28,17 @@ STAGE_KEYS = {
     "train": ["seed", "sde", "conditioning", "student", "disc", "data.fps", "data.resolution",
               "data.low_resolution", "weights.source", "train.precision", "train.grad_clip", "train.compile"],
     "generate": ["eval.seed", "eval.num_clips", "eval.batch_size", "sde", "conditioning", "data.frames", "data.fps",
-                 "data.resolution", "weights.source"],
+                 "data.resolution", "weights.source", "student.boundary", "acd.cfg"],
     "fvd": ["scale", "eval.seed", "eval.num_clips", "eval.batch_size", "eval.fvd_backbone", "eval.fid_backbone",
             "eval.bootstrap", "data.frames", "data.fps", "data.resolution", "weights", "disc.backbone_input"],
-    "report": ["eval.methods"],
+    "claims": ["seed", "claims", "sde", "lgp", "acd", "student.boundary"],
+    "report": ["eval.methods", "eval.bootstrap", "claims.level"],
 }
 
 # The stage's command module (as in osv/cli.py): its import closure is the stage's code.
 STAGE_MODULES = {"data": "osv.data.prepare", "weights": "osv.weights", "vae": "osv.vae", "encode": "osv.encode",
                  "teacher": "osv.train.teacher", "train": "osv.train.distill", "generate": "osv.eval.generate",
-                 "fvd": "osv.eval.fvd", "report": "osv.eval.report"}
+                 "fvd": "osv.eval.fvd", "claims": "osv.experiments.claims", "report": "osv.eval.report"}
 
 # Plumbing that decides where and how a stage runs, not what it computes: not a code dependency
 # (an edit to the launcher must not rerun days of training).

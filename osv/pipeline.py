@@ -36,7 +36,8 @@ class VideoResult:
 class OSVPipeline:
     def __init__(self, pipe, settings: dict):
         self.pipe, self.settings = pipe, settings
-        self.denoiser = Denoiser(unet_network(pipe.unet), sigma_min=settings["sigma_min"])
+        self.denoiser = Denoiser(unet_network(pipe.unet), boundary=settings.get("boundary", "approx"),
+                                 sigma_min=settings["sigma_min"])
 
     @classmethod
     def from_pretrained(cls, student: str | Path, teacher: str | Path, device: str = "cpu") -> OSVPipeline:

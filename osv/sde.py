@@ -153,7 +153,7 @@ class Denoiser:
         return self.combine(x, sigma, self.raw(x, sigma, cond))
 
     def guided(self, x: Tensor, sigma, cond, cfg) -> Tensor:
-        """D(c0) + w (D(c) - D(c0)), w scalar or per-frame [T]; c0 = cond.uncond(). 2 NFE."""
+        """D(c0) + w (D(c) - D(c0)), w scalar, per-frame [T] or per-sample [B, T]; c0 = cond.uncond(). 2 NFE."""
         return self.combine(x, sigma, self.raw(x, sigma, cond, cfg))
 
     def consistency_fn(self, x: Tensor, sigma, cond, cfg=None) -> Tensor:

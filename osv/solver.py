@@ -27,7 +27,7 @@ def teacher_step_sigmas(sigmas: Tensor, n, m: int) -> Tensor:
 def euler_solve(denoiser: Denoiser, x: Tensor, sigmas_desc: Tensor, cond, cfg=None, progress: bool = False) -> Tensor:
     """Euler from sigmas_desc[0] down to sigmas_desc[-1]: x <- x + (s_next - s)(x - D^)/s.
 
-    D^ is the guided denoiser when cfg (scalar or per-frame [T]) is given. sigmas_desc is [K]
+    D^ is the guided denoiser when cfg (scalar, per-frame [T] or per-sample [B, T]) is given. sigmas_desc is [K]
     (shared) or [K, B] (per sample); a final 0 is allowed (that step returns D^).
     """
     from tqdm.auto import tqdm

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-STAGES = ("data", "weights", "vae", "encode", "teacher", "train", "generate", "fvd", "report")
+STAGES = ("data", "weights", "vae", "encode", "teacher", "train", "generate", "fvd", "claims", "report")
 # The CPU flags that decide precision (osv.precision): native bf16, AVX-512, AVX2.
 PRECISION_FLAGS = ("avx512_bf16", "amx_bf16", "avx512f", "avx2")
 
@@ -149,6 +149,7 @@ def expected_records(params: dict, root: str | os.PathLike = ".", metrics: str |
     methods = list(params["eval"]["methods"])
     jobs += [("generate", m, record_path("generate", samples / m)) for m in methods]
     jobs += [("fvd", m, metrics / "eval" / f"{m}.provenance.json") for m in methods]
+    jobs.append(("claims", None, metrics / "claims.provenance.json"))
     return jobs + [("report", None, reports / "metrics.provenance.json")]
 
 

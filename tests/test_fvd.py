@@ -274,6 +274,11 @@ def test_evaluate_method_writes_metric_json(tmp_path, real_halves):
     assert len(saved["replicates"]["kvd"]) == boot["resamples"] and "replicates" not in numbers
     assert saved["kvd_ci"]["low"] < saved["kvd"] < saved["kvd_ci"]["high"]
     assert saved["fvd_ci"]["low"] < saved["fvd_ci"]["high"]
+    # frame-0 PSNR: a number with its interval; the per-clip values and replicates in the provenance file
+    assert numbers["frame0_psnr"] == saved["frame0_psnr"] and len(saved["frame0_psnr_per_clip"]) == 10
+    assert saved["frame0_psnr"] == pytest.approx(np.mean(saved["frame0_psnr_per_clip"]))
+    assert saved["frame0_psnr_ci"]["low"] < saved["frame0_psnr"] < saved["frame0_psnr_ci"]["high"]
+    assert len(saved["replicates"]["frame0_psnr"]) == boot["resamples"] and "frame0_psnr_per_clip" not in numbers
 
 
 def test_evaluate_method_refuses_wrong_frame_count(tmp_path, real_halves):
@@ -402,3 +407,46 @@ def test_dinov2_mse_for_paired_samples(tmp_path, real_halves):
     assert mse["frames"] == 3 * T and 0 <= mse["vs_target"] < mse["vs_input"]
     assert result["protocol"]["student_sha256"] == "12" * 32
     assert result["protocol"]["teacher_sha256"] == "34" * 32
+
+
+def hand_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) / 255 - b.astype(np.float64) / 255) ** 2)
+    return float(10 * np.log10(1 / mse))
+
+
+def test_frame0_psnr_is_the_psnr_of_the_decoded_first_frames(tmp_path, real_halves):
+    """Frame-0 PSNR = 10 log10(1 / MSE) of generated frame 0 against its test clip's frame 0 (pixels in
+    [0, 1], both read back from their mp4s), averaged over clips; a sample that starts with its test
+    clip's frame 0 exactly scores 120 dB (the VAE metric's MSE floor); pairing follows clip_ids."""
+    from osv.eval.fvd import evaluate_method
+    from osv.video import read_frames, write_mp4
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["data"]["resolution"] = {"width": 96, "height": 48}
+    params["eval"]["num_clips"] = 3
+    fps = params["data"]["fps"]
+    a, b = real_halves
+    write_clip_set(tmp_path / "clips", a[:3], fps)
+    gen = add_noise(a[:3], 12, np.random.default_rng(1))
+    gen[0, 0] = a[0, 0]  # sample 0 starts with its conditioning frame exactly
+    gen[2, 0] = b[0, 0]  # sample 2 with an unrelated frame
+    samples = tmp_path / "samples"
+    for i, clip in enumerate(gen):
+        write_mp4(samples / f"clip-{i:04d}.mp4", clip, fps)
+    ids = [f"test/clip-{i:03d}" for i in range(3)]
+    (samples / "meta.json").write_text(json.dumps({"nfe": 1, "sec_per_video": 0.1, "clip_ids": ids}))
+    result = evaluate_method(params, "osv_1", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
+                             str(tmp_path / "m.json"), cache_dir=None, device="cpu")
+    real0 = [read_frames(tmp_path / "clips" / f"{i}.mp4")[0][0] for i in ids]
+    gen0 = [read_frames(samples / f"clip-{i:04d}.mp4")[0][0] for i in range(3)]
+    want = [120.0, hand_psnr(gen0[1], real0[1]), hand_psnr(gen0[2], real0[2])]
+    assert result["frame0_psnr_per_clip"] == pytest.approx(want, rel=1e-12)
+    assert result["frame0_psnr"] == pytest.approx(np.mean(want), rel=1e-12)
+    assert 25 < want[1] < 40 and want[2] < want[1]  # noise of std 12 on 255; another scene is worse
+    assert "frame0_psnr_ci" not in result  # 3 clips: no interval (fvd's rule)
+    # pairing by clip_ids: the same samples said to start from clips 2, 1, 0
+    (samples / "meta.json").write_text(json.dumps({"nfe": 1, "sec_per_video": 0.1, "clip_ids": ids[::-1]}))
+    swapped = evaluate_method(params, "osv_1", str(samples), str(tmp_path / "clips"), str(tmp_path / "base"),
+                              str(tmp_path / "m2.json"), cache_dir=None, device="cpu")
+    assert swapped["frame0_psnr_per_clip"][1] == pytest.approx(want[1])
+    assert swapped["frame0_psnr_per_clip"][0] == pytest.approx(hand_psnr(gen0[0], real0[2]))

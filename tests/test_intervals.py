@@ -10,6 +10,8 @@ import pytest
 from osv.eval.frechet import frechet_from_features
 from osv.eval.intervals import (
     bootstrap,
+    bootstrap_mean,
+    bootstrap_ratio,
     frechet_lowrank,
     interval,
     kernel_distance,
@@ -87,3 +89,17 @@ def test_interval_covers_the_estimate_and_narrows_with_more_clips():
         assert lo < kernel_distance(real, gen) < hi
         widths.append(hi - lo)
     assert widths[1] < widths[0] / 2
+
+
+def test_mean_and_ratio_replicates_use_the_clip_resamples_of_fvd():
+    """Per-clip metrics (frame-0 PSNR, ODE match, guidance absorption) resample the same clips as
+    FVD/KVD: replicate b is the mean (or ratio of sums) over resample(n, B, seed)[b]."""
+    rng = np.random.default_rng(3)
+    values, num, den = rng.normal(30, 3, 12), rng.normal(0.5, 0.2, 12), rng.uniform(1, 2, 12)
+    idx = resample(12, 40, 7)
+    assert bootstrap_mean(values, 40, 7) == pytest.approx([values[i].mean() for i in idx], rel=1e-12)
+    assert bootstrap_ratio(num, den, 40, 7) == pytest.approx([num[i].sum() / den[i].sum() for i in idx], rel=1e-12)
+    lo, hi = interval(bootstrap_ratio(num, den, 1000, 0))
+    assert lo < num.sum() / den.sum() < hi
+    with pytest.raises(ValueError, match="ratio of sums"):
+        bootstrap_ratio(num, den[:5], 4, 0)

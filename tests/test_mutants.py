@@ -26,9 +26,15 @@ MUTANTS = {
         "sde.py", [("f_uncond, f_cond = both.chunk(2)", "f_cond, f_uncond = both.chunk(2)")],
         [f"{OBJ}::test_acd_teacher_solve_is_m_euler_steps_of_the_guided_teacher"]),
     "per-frame CFG ramp reversed": (
-        "train/objectives.py", [('guidance_ramp(cfg["cfg"]["max"], x0.shape[1], cfg["cfg"]["min"])',
-                                 'guidance_ramp(cfg["cfg"]["min"], x0.shape[1], cfg["cfg"]["max"])')],
+        "train/objectives.py", [("guidance_ramp(hi, frames, lo)", "guidance_ramp(lo, frames, hi)")],
         [f"{OBJ}::test_acd_teacher_solve_is_m_euler_steps_of_the_guided_teacher"]),
+    "random CFG ramp reversed (w_end → min)": (
+        "train/objectives.py", [("guidance_ramp(float(e), frames, lo)", "guidance_ramp(lo, frames, float(e))")],
+        [f"{OBJ}::test_acd_random_cfg_is_a_per_sample_ramp_that_the_teacher_solve_uses"]),
+    "random CFG drawn once for the whole batch": (
+        "train/objectives.py", [('sample_rand(seed, step, slots, stream="cfg")',
+                                 'sample_rand(seed, step, [0] * len(slots), stream="cfg")')],
+        [f"{OBJ}::test_acd_random_cfg_is_a_per_sample_ramp_that_the_teacher_solve_uses"]),
     "teacher solve one sub-step short": (
         "solver.py", [("torch.arange(m, -1, -1,", "torch.arange(m - 1, -1, -1,")],
         [f"{OBJ}::test_acd_teacher_solve_is_m_euler_steps_of_the_guided_teacher"]),
@@ -52,13 +58,18 @@ MUTANTS = {
         "train/objectives.py",
         [("consistency_fn(x_nm, sigma_nm, cond)", "consistency_fn(x_nm, sigma_n, cond)")],
         [f"{OBJ}::test_acd_fake_and_its_lambda_weighted_distance"]),
-    "λ(σ) over the one-index gap σ_{n+1} − σ_n": (
-        "train/objectives.py",
-        [("distance_weight(sigma_n, sigma_nm,", "distance_weight(sigma_n, sigmas[n + 1],")],
+    "λ(σ) over the jump σ_{n+m} − σ_n with weighting_gap next": (
+        "train/objectives.py", [('sigmas[n + 1] if cfg["weighting_gap"]', 'sigma_nm if cfg["weighting_gap"]')],
+        [f"{OBJ}::test_acd_fake_and_its_lambda_weighted_distance"]),
+    "λ(σ) over the next gap σ_{n+1} − σ_n with weighting_gap jump": (
+        "train/objectives.py", [("else sigma_nm\n", "else sigmas[n + 1]\n")],
         [f"{OBJ}::test_acd_fake_and_its_lambda_weighted_distance"]),
     "λ(σ) inverted": (
         "losses.py", [("weight = (1.0 / gap) ** 0.1", "weight = gap ** 0.1")],
         [f"{OBJ}::test_acd_fake_and_its_lambda_weighted_distance"]),
+    "student.boundary not passed to the student's Denoiser": (
+        "train/distill.py", [('Denoiser(network, boundary=st["boundary"],', "Denoiser(network,")],
+        [f"{OBJ}::test_student_boundary_reaches_the_students_denoiser_in_build_nets"]),
     "pseudo-Huber c misplaced": (
         "losses.py", [("torch.sqrt(diff.square() + c * c) - c", "torch.sqrt(diff.square() + c) - c * c")],
         [f"{OBJ}::test_acd_fake_and_its_lambda_weighted_distance"]),

@@ -25,8 +25,8 @@ from osv.samplers import consistency_sample
 from osv.sde import Denoiser, karras_sigmas
 from osv.train.distill import Nets, State, train_step
 from osv.train.distributed import DistEnv
-from osv.train.loop import Precision, sample_randn, sample_uniform_int
-from osv.train.objectives import acd_targets, ema_update, ema_weights, lgp_targets
+from osv.train.loop import Precision, sample_rand, sample_randn, sample_uniform_int
+from osv.train.objectives import acd_targets, ema_update, ema_weights, lgp_targets, teacher_guidance
 
 REPO = Path(__file__).resolve().parent.parent
 B, T, C, S = 8, 3, 2, 0.8  # batch, frames, channels, data std
@@ -134,9 +134,10 @@ def f_closed_form(tables, x, n, sigmas):
 
 
 def guided_euler(x, n, m, sigmas, w):
-    """m Euler steps σ_{n+m} → σ_n of dx/dσ = (x − D̂)/σ, D̂ = D(c0) + w·(D(c) − D(c0)) (method.md §4)."""
+    """m Euler steps σ_{n+m} → σ_n of dx/dσ = (x − D̂)/σ, D̂ = D(c0) + w·(D(c) − D(c0)) (method.md §4);
+    w per frame [T] or per sample and frame [B, T]."""
     mu = make_batch()["cond_latents"].unsqueeze(1).double()
-    w = w.double().reshape(1, T, 1, 1, 1)
+    w = w.double().reshape(-1, T, 1, 1, 1)
     for j in range(m, 0, -1):
         sig, sig_next = per_sample(sigmas[n + j].double()), per_sample(sigmas[n + j - 1].double())
         k = S**2 / (S**2 + sig**2)
@@ -155,6 +156,13 @@ def x_nm_of(params, step):
 
 def close(actual, expected, rtol=1e-5, atol=1e-5):
     torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol)
+
+
+def identity_tables(params):
+    """θ⁻ making f_θ⁻(x, σ) = x on the grid, so that the target y is the teacher solve x̂_n itself."""
+    sigmas = grid(params).double()
+    k = S**2 / (S**2 + sigmas**2)
+    return {"a": (k - 1)[:, None].expand(-1, T).float(), "b": ((1 - k) * (sigmas**2 + 1).sqrt()).float()}
 
 
 # ----------------------------------------------------------------------------- EMA
@@ -196,12 +204,9 @@ def test_ema_weights_swaps_the_ema_in_and_restores_the_online_weights_exactly():
 def test_acd_teacher_solve_is_m_euler_steps_of_the_guided_teacher(m, cfg):
     """With θ⁻ making f_θ⁻(x, σ) = x, the target y is the teacher solve x̂_n itself."""
     params = make_params(acd={"m": m, "cfg": cfg})
+    assert params["acd"]["cfg"]["sampling"] == "ramp"  # the default: the same ramp every step
     sigmas = grid(params)
-    k = S**2 / (S**2 + sigmas.double() ** 2)
-    identity = {"a": (k - 1)[:, None].expand(-1, T).float(),
-                "b": ((1 - k) * (sigmas.double() ** 2 + 1).sqrt()).float()}
-    nets = make_nets(params, ema=identity)
-    real, _, _ = call(acd_targets, nets, params)
+    real, _, _ = call(acd_targets, make_nets(params, ema=identity_tables(params)), params)
     n, x_nm = x_nm_of(params, 3)
     w = torch.linspace(cfg["min"], cfg["max"], T)  # the per-frame ramp of the SVD pipeline
     close(real, guided_euler(x_nm, n, m, sigmas, w), rtol=1e-4, atol=1e-4)
@@ -221,19 +226,62 @@ def test_acd_target_is_computed_with_the_ema_weights_without_gradient():
         assert torch.equal(p, theta[name])
 
 
-@pytest.mark.parametrize("weighting", ["animatelcm", "ict", "uniform"])
-def test_acd_fake_and_its_lambda_weighted_distance(weighting):
-    """ŷ = f_θ(x_{n+m}, σ_{n+m}); distance λ(σ_n)·(√((y − ŷ)² + c²) − c), element mean (method.md §2, §4)."""
-    params = make_params(acd={"weighting": weighting})
+def test_acd_random_cfg_is_a_per_sample_ramp_that_the_teacher_solve_uses():
+    """acd.cfg.sampling = random: per sample w_end ~ U[min, max] from its own (seed, step, slot) generator
+    (stream cfg) and the ramp min → w_end; the teacher solve is guided_euler with each sample's ramp."""
+    cfg = {"min": 1.5, "max": 2.5, "sampling": "random"}
+    params = make_params(acd={"cfg": cfg})
+    seed, slots = params["seed"], list(range(B))
+    w = teacher_guidance(params["acd"]["cfg"], T, seed, 3, slots)
+    assert w.shape == (B, T)
+    ends = cfg["min"] + (cfg["max"] - cfg["min"]) * sample_rand(seed, 3, slots, stream="cfg")
+    assert torch.equal(w[:, -1], ends) and (w[:, 0] == cfg["min"]).all()
+    assert ((ends >= cfg["min"]) & (ends <= cfg["max"])).all() and len(set(ends.tolist())) == B
+    close(w, torch.stack([torch.linspace(cfg["min"], float(e), T) for e in ends]), rtol=0, atol=1e-6)
+    assert torch.equal(teacher_guidance(params["acd"]["cfg"], T, seed, 3, [5, 2]), w[[5, 2]])  # per slot
+    assert not torch.equal(teacher_guidance(params["acd"]["cfg"], T, seed, 4, slots), w)  # a new draw per step
+
+    real, _, _ = call(acd_targets, make_nets(params, ema=identity_tables(params)), params)
+    n, x_nm = x_nm_of(params, 3)
+    close(real, guided_euler(x_nm, n, params["acd"]["m"], grid(params), w), rtol=1e-4, atol=1e-4)
+    shared = guided_euler(x_nm, n, params["acd"]["m"], grid(params), torch.linspace(1.5, 2.5, T))
+    assert not torch.allclose(real.double(), shared, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("weighting,gap", [("animatelcm", None), ("ict", None), ("uniform", None),
+                                           ("animatelcm", "jump"), ("ict", "jump")])
+def test_acd_fake_and_its_lambda_weighted_distance(weighting, gap):
+    """ŷ = f_θ(x_{n+m}, σ_{n+m}); distance λ(σ_n)·(√((y − ŷ)² + c²) − c), element mean (method.md §2, §4);
+    λ over σ_{n+1} − σ_n by default (acd.weighting_gap = next), over σ_{n+m} − σ_n with jump (m = 5 here)."""
+    params = make_params(acd={"weighting": weighting, **({"weighting_gap": gap} if gap else {})})
     theta, ema = random_tables(params, 1), random_tables(params, 2)
     m, c, sigmas = params["acd"]["m"], params["acd"]["huber_c"], grid(params)
+    assert m == 5
     real, fake, distance = call(acd_targets, make_nets(params, theta, ema), params)
     n, x_nm = x_nm_of(params, 3)
     close(fake, f_closed_form(theta, x_nm, n + m, sigmas))
-    gap = sigmas[n + m].double() - sigmas[n].double()
+    gap = sigmas[n + (m if gap == "jump" else 1)].double() - sigmas[n].double()
     weight = {"animatelcm": (1 / gap) ** 0.1, "ict": 1 / gap, "uniform": torch.ones_like(gap)}[weighting]
     huber = (torch.sqrt((real.double() - fake.double()) ** 2 + c**2) - c).flatten(1).mean(1)
     close(distance, weight * huber, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("boundary", ["approx", "exact"])
+def test_student_boundary_reaches_the_students_denoiser_in_build_nets(tmp_path, boundary):
+    """student.boundary sets the student's f_θ (exact: f(x, σ_min) = x bit for bit); the teacher stays approx."""
+    from osv.models import build_small_unet
+    from osv.train.distill import build_nets
+
+    build_small_unet().save_pretrained(tmp_path / "unet")
+    params = make_params(student={"boundary": boundary}, acd={"lambda_adv": 0.0})
+    nets = build_nets(params, "acd", {"stage": "acd", "init": "teacher"}, tmp_path, None, None, "cpu")
+    assert nets.student_fn.boundary == boundary and nets.teacher_fn.boundary == "approx"
+    g = torch.Generator().manual_seed(0)
+    batch = {"image_embeds": torch.randn(1, 1, 64, generator=g), "cond_latents": torch.randn(1, 4, 4, 4, generator=g)}
+    x = torch.randn(1, 4, 4, 4, 4, generator=g)
+    with torch.no_grad():
+        f = nets.student_fn.consistency_fn(x, params["sde"]["sigma_min"], from_batch(batch, params))
+    assert torch.equal(f, x) == (boundary == "exact")
 
 
 # ----------------------------------------------------------------------------- stage 1 (LGP)

@@ -64,6 +64,10 @@ BAD = [
     ("teacher", _DELETE, "teacher"),
     ("vae.finetune.batch_size", 0, "vae.finetune.batch_size"),
     ("vae.steps", 0, "vae.finetune.steps"),
+    ("acd.cfg.sampling", "uniform", "acd.cfg.sampling"),
+    ("acd.weighting_gap", "prev", "acd.weighting_gap"),
+    ("student.boundary", "soft", "student.boundary"),
+    ("student.boundary", _DELETE, "boundary"),
 ]
 
 
@@ -198,7 +202,7 @@ def test_osv_check_command(tmp_path):
                               capture_output=True, text=True, cwd=ROOT)
 
     ok = check(ROOT / "params.yaml")
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{ROOT / 'params.yaml'}: valid (10 runs, 20 methods)"
+    assert ok.returncode == 0 and ok.stdout.strip() == f"{ROOT / 'params.yaml'}: valid (10 runs, 21 methods)"
     bad = copy.deepcopy(BASE)
     bad["acd"]["m"] = 100
     fail = check(_write(tmp_path, bad))

@@ -193,3 +193,100 @@ def test_paired_differences_read_the_interval_against_the_paper(monkeypatch):
     assert verdict(rows["abl_h_high_only_tts"]["paper"], rows["abl_h_high_only_tts"]["kvd"][1]) == "opposite direction"
     text = paired_section(same)
     assert "| a | m = 1 vs full OSV | 161.10 |" in text and "training randomness" in text
+
+
+def paired_metric(fvd: float, nfe: int, base: np.ndarray, shift: float, spread: float = 0.0, **extra) -> dict:
+    """A metric file with FVD/KVD replicates base + shift (+ noise): replicates of two such files pair."""
+    noise = np.random.default_rng(int(nfe * 10 + shift * 100) % 2**32).normal(0, spread, len(base)) if spread else 0
+    reps = base + shift + noise
+    return {**metric(fvd, nfe), "kvd": 1.0 + shift, "replicates": {"fvd": list(reps * 100), "kvd": list(reps)},
+            **extra}
+
+
+def write_clip_folder(folder: Path, clips: np.ndarray, meta: dict) -> None:
+    from osv.video import write_mp4
+
+    for i, clip in enumerate(clips):
+        write_mp4(folder / f"clip-{i:04d}.mp4", clip, 7)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_teacher_worth_distilling_ode_match_and_absorption(tmp_path):
+    """Frame-0 PSNR against the VAE's with the criterion's verdict; teacher steps compared by paired
+    differences with a verdict per pair; ODE match to teacher_25 (120 dB for identical clips, the hand
+    computation otherwise) in Table 1 and per method; guidance absorption per trained model."""
+    from osv.eval.intervals import bootstrap_mean, bootstrap_ratio, interval
+    from osv.eval.psnr import psnr
+    from osv.eval.report import frame0_verdict, steps_verdict
+    from osv.video import read_frames
+
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    boot = params["eval"]["bootstrap"]
+    base = np.random.default_rng(0).normal(1.0, 0.1, boot["resamples"])
+    f0 = {"frame0_psnr": 19.0, "frame0_psnr_ci": {"low": 18.0, "high": 20.0}}
+    metrics = {"teacher_25": paired_metric(100.0, 50, base, 0.5, **f0),  # worse than teacher_8
+               "teacher_8": paired_metric(140.0, 16, base, 0.0),
+               "teacher_2": paired_metric(150.0, 4, base, 0.3, spread=0.05),  # teacher_8 better than it
+               "teacher_1": paired_metric(900.0, 2, base, 0.3, spread=0.5),
+               "teacher_1_nocfg": paired_metric(800.0, 1, base, 0.2, frame0_psnr=12.5),
+               "osv_1": paired_metric(300.0, 1, base, 0.1)}
+    for name, m in metrics.items():
+        path = tmp_path / "metrics" / "eval" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(m))
+    (tmp_path / "metrics" / "vae.json").write_text(json.dumps({"psnr_test_db": 21.2}))
+    n, ids = 8, [f"test/clip-{i:03d}" for i in range(8)]
+    clips = moving_clips(n)
+    noisy = np.clip(clips + np.random.default_rng(1).normal(0, 20, clips.shape), 0, 255).astype(np.uint8)
+    samples = tmp_path / "samples"
+    write_clip_folder(samples / "teacher_25", clips, {"clip_ids": ids})
+    write_clip_folder(samples / "osv_1", clips, {"clip_ids": ids, "absorption": 0.4, "absorption_per_clip": {
+        "numerator": [0.4 * (i + 1) for i in range(n)], "denominator": [float(i + 1) for i in range(n)]}})
+    write_clip_folder(samples / "teacher_1", noisy, {"clip_ids": ids})
+    write_clip_folder(samples / "teacher_2", noisy[:5], {"clip_ids": ids[:5]})
+    write_clip_folder(samples / "teacher_8", noisy, {"clip_ids": ids[::-1]})
+
+    text = write_report(params, tmp_path / "metrics", samples, tmp_path / "plots", tmp_path / "reports").read_text()
+    table1 = text.split("## Table 1")[1].split("## Is the teacher")[0]
+    worth = text.split("## Is the teacher worth distilling?")[1].split("## Distance")[0]
+    distance = text.split("## Distance to the teacher's guided solution")[1].split("## Table 2")[0]
+    # ODE match: identical clips hit the MSE floor; otherwise the mean of the per-clip PSNR, hand-computed
+    per_clip = [psnr(read_frames(samples / "teacher_1" / f"clip-{i:04d}.mp4")[0],
+                     read_frames(samples / "teacher_25" / f"clip-{i:04d}.mp4")[0]) for i in range(n)]
+    lo, hi = interval(bootstrap_mean(per_clip, boot["resamples"], boot["seed"]))
+    ode_t1 = f"{np.mean(per_clip):.2f} [{lo:.2f}, {hi:.2f}]"
+    assert 15 < np.mean(per_clip) < 40
+    assert "ODE match (PSNR to teacher_25, dB)" in table1
+    assert "| reference | 50 | 156.94 | `teacher_25` |" in table1
+    assert f"| {ode_t1} | 2 | 1177.34 | `teacher_1` |" in table1
+    assert "| 120.00 [120.00, 120.00] | 1 | 335.36 | `osv_1` |" in table1
+    # the unguided 1-step teacher: our row after the paper's teacher_1 row
+    row = next(ln for ln in table1.splitlines() if "`teacher_1_nocfg`" in ln)
+    assert row.startswith("| SVD teacher, no CFG | 1 | 1 |") and "ours only, not in the paper" in row
+    assert table1.index("`teacher_1` |") < table1.index("`teacher_1_nocfg`") < table1.index("`osv_1`")
+    # (a): 19.0 dB against 21.2 - 3 = 18.2 dB: met, but the interval [18, 20] holds the threshold
+    assert "| `teacher_25` | 19.00 [18.00, 20.00] |" in worth and "| `teacher_1_nocfg` | 12.50 |" in worth
+    assert "against 21.20 dB (threshold 18.20 dB): **met (but the interval holds the threshold 18.20 dB)**" in worth
+    assert frame0_verdict(19.0, None, 21.2) == "met" and frame0_verdict(18.0, None, 21.2) == "not met"
+    # (b): more steps minus fewer, per metric
+    verdicts = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[2:6]] for ln in worth.splitlines()
+                if ln.startswith("| `teacher_")}
+    assert verdicts["`teacher_25` - `teacher_8`"][1] == "worsens" and verdicts["`teacher_25` - `teacher_8`"][3] == "worsens"
+    assert verdicts["`teacher_8` - `teacher_2`"][3] == "improves"
+    assert verdicts["`teacher_2` - `teacher_1`"][3].startswith("inconclusive")
+    assert verdicts["`teacher_25` - `teacher_8`"][2] == "0.500 [0.500, 0.500]"
+    assert (steps_verdict(None), steps_verdict((-2, -1)), steps_verdict((1, 2)), steps_verdict((-1, 1))) == (
+        "no interval", "improves", "worsens", "inconclusive (interval holds 0)")
+    # per method: ODE match or why not; absorption per trained model with its bootstrap interval
+    assert f"| `teacher_1` | teacher | 1, CFG 3.0 | {ode_t1} |" in distance
+    assert "| `teacher_2` | teacher | 2, CFG 3.0 | — (5 clips vs 8 of teacher_25) |" in distance
+    assert "other test clips than teacher_25's" in distance and "| `teacher_25` | teacher | 25, CFG 3.0 | reference |" in distance
+    num, den = [0.4 * (i + 1) for i in range(n)], [float(i + 1) for i in range(n)]
+    alo, ahi = interval(bootstrap_ratio(num, den, boot["resamples"], boot["seed"]))
+    assert f"| `stage2` | 0.400 [{alo:.3f}, {ahi:.3f}] | 8 | `osv_1` |" in distance
+    assert "| `abl_a_m1` | — | — | not in its methods' meta.json" in distance
+    summary = read_metrics(tmp_path / "reports" / "metrics.json")
+    assert summary["methods"]["osv_1"]["ode_match_psnr"] == 120.0 and summary["absorption"] == {"stage2": 0.4}
+    assert summary["methods"]["teacher_25"]["frame0_psnr"] == 19.0
+    # the unguided teacher is not a point of the CFG teacher's FVD-vs-NFE curve
+    assert "teacher_1_nocfg" not in (tmp_path / "plots" / "fvd_vs_nfe.csv").read_text()

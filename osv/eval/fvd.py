@@ -4,7 +4,8 @@ Real clips: the first eval.num_clips test clips of data/clips/manifest.csv, load
 with osv.video.load_clip at data.frames / data.fps / data.resolution (the one
 definition of a clip). Generated: samples/M/*.mp4 in name order. Video features
 come from eval.fvd_backbone, frame features (all frames of all clips) from
-eval.fid_backbone (see osv.eval.features). The metric JSON holds the numbers, its
+eval.fid_backbone (see osv.eval.features). Frame-0 PSNR: does each sample reproduce its
+conditioning frame (osv.eval.psnr)? The metric JSON holds the numbers, its
 provenance file beside it the whole protocol, so numbers are only ever compared with
 numbers made the same way.
 """
@@ -17,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
+from osv.eval.intervals import MIN_CLIPS_FOR_INTERVALS
 from osv.params import ParamsError, load_params
 
 # Below about this many clips the 400-d I3D covariance is singular (environment.md).
 MIN_CLIPS_FOR_STABLE_COVARIANCE = 400
-# Below this, resamples of clips are mostly duplicates: no interval is worth printing.
-MIN_CLIPS_FOR_INTERVALS = 8
 
 
 def register(subparsers) -> None:
@@ -48,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     kwargs = dict(params=params, method=args.method, samples=args.samples, clips=args.clips, base=args.base,
                   out=args.out, cache_dir=args.cache_dir or None, device=args.device)
     result = run_stage("fvd", evaluate_method, kwargs, params)
-    print(json.dumps({k: result[k] for k in ("fvd", "fid", "kvd", "nfe", "sec_per_video")}))
+    print(json.dumps({k: result.get(k) for k in ("fvd", "fid", "kvd", "frame0_psnr", "nfe", "sec_per_video")}))
     return 0
 
 
@@ -168,6 +168,7 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
     }
     result.update(intervals(ev["bootstrap"], real["video"], gen["video"], real_paths, meta))
     result["protocol"]["bootstrap"] = {**ev["bootstrap"], "unit": "test clip, paired across methods"}
+    add_frame0_psnr(result, frame0_psnr(ev["bootstrap"], clips, real_paths, gen_paths, meta, shape, data["fps"]))
     require_finite_metrics("fvd", result, out)  # before the DINOv2 pass: a NaN FVD is not worth it
     result["dinov2_mse"] = dinov2_mse(params, base, clips, gen_paths, meta, load_real, load_gen, device)
     write_metrics(out, result, record(params, "fvd", method, precision="fp32", device=torch.device(device).type))
@@ -191,6 +192,47 @@ def intervals(boot: dict, real: np.ndarray, gen: np.ndarray, real_paths: list[Pa
     reps = bootstrap(real, gen, boot["resamples"], boot["seed"])
     ci = {f"{k}_ci": dict(zip(("low", "high"), interval(v, boot["level"]))) for k, v in reps.items()}
     return {**ci, "replicates": reps}  # lists: kept in the provenance file, read back by the report
+
+
+def frame0_psnr(boot: dict, clips: str | Path, real_paths: list[Path], gen_paths: list[Path], meta: dict,
+                shape: tuple[int, int, int, int], fps: float) -> dict:
+    """Does each sample reproduce its conditioning frame? PSNR (osv.eval.psnr) of generated frame 0
+    against its test clip's frame 0, both uint8 RGB at the protocol's resolution (the test clip through
+    load_clip, as for the features), per clip; their mean, and its bootstrap interval over clips with
+    the resamples of FVD's (sample i starts from test clip i: meta.json clip_ids, else manifest order)."""
+    from osv.eval.intervals import bootstrap_mean, interval
+    from osv.eval.psnr import first_frame, psnr
+    from osv.video import load_clip
+
+    _, h, w, _ = shape
+    ids = meta.get("clip_ids")
+    if ids is not None and len(ids) == len(gen_paths):
+        reals = [Path(clips) / f"{clip_id}.mp4" for clip_id in ids]
+    elif ids is None and len(real_paths) == len(gen_paths):
+        reals = real_paths
+    else:
+        return {"frame0_psnr_warning": f"no frame-0 PSNR: {len(gen_paths)} samples, "
+                                       f"{len(ids) if ids is not None else len(real_paths)} test clips to pair them with"}
+    values = []
+    for real_path, gen_path in zip(reals, gen_paths):
+        gen = first_frame(gen_path)
+        if gen.shape != (h, w, 3):
+            raise ValueError(f"{gen_path}: frame 0 is {list(gen.shape)}, the protocol needs {w}x{h} (W x H)")
+        values.append(psnr(gen, load_clip(real_path, 1, fps, w, h)[0]))
+    out = {"frame0_psnr": float(np.mean(values)), "frame0_psnr_per_clip": values}
+    if boot["resamples"] and len(values) >= MIN_CLIPS_FOR_INTERVALS:
+        reps = bootstrap_mean(values, boot["resamples"], boot["seed"])
+        out["frame0_psnr_ci"] = dict(zip(("low", "high"), interval(reps, boot["level"])))
+        out["replicates"] = {"frame0_psnr": reps}
+    return out
+
+
+def add_frame0_psnr(result: dict, frame0: dict) -> None:
+    """Merge frame0_psnr's keys into the metric dict (its replicates beside FVD's and KVD's)."""
+    reps = frame0.pop("replicates", None)
+    result.update(frame0)
+    if reps:
+        result.setdefault("replicates", {}).update(reps)
 
 
 def protocol_warnings(n_real: int, n_gen: int, dim: int) -> list[str]:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Below this, resamples of clips are mostly duplicates: no interval is worth printing.
+MIN_CLIPS_FOR_INTERVALS = 8
+
 
 def poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """k(x, y) = (x·y / d + 1)³ for every pair of rows."""
@@ -72,6 +75,21 @@ def bootstrap(real: np.ndarray, gen: np.ndarray, resamples: int, seed: int) -> d
         out["fvd"].append(frechet_lowrank(real[idx], gen[idx]))
         out["kvd"].append(mmd2_unbiased(kxx, kyy, kxy, idx))
     return out
+
+
+def bootstrap_mean(values, resamples: int, seed: int) -> list[float]:
+    """The mean of per-clip values (frame-0 PSNR, ODE match) over every resample of clips; the
+    same resamples as `bootstrap`, so the replicates pair with FVD's and with other methods'."""
+    values = np.asarray(values, dtype=np.float64)
+    return [float(values[idx].mean()) for idx in resample(len(values), resamples, seed)]
+
+
+def bootstrap_ratio(num, den, resamples: int, seed: int) -> list[float]:
+    """Σ num / Σ den over every resample of clips (a ratio of sums, e.g. the guidance absorption)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"ratio of sums: {num.shape} numerators vs {den.shape} denominators")
+    return [float(num[idx].sum() / den[idx].sum()) for idx in resample(len(num), resamples, seed)]
 
 
 def interval(values, level: float = 0.95) -> tuple[float, float]:

@@ -6,6 +6,11 @@ teacher_25 row's, then name order); a method whose protocol differs in any
 comparable key is moved out of the tables into a separate section that names
 the differing keys. The paper's numbers are printed beside ours for the ordering
 of methods only: its protocol (osv.paper.PAPER_PROTOCOL) is never ours.
+
+Beside the paper's tables: is the teacher worth distilling (frame-0 PSNR against the VAE's,
+paired FVD/KVD differences over teacher steps), and each method's distance to the teacher's
+guided solution (teacher-ODE match, read here from samples/, and the guidance absorption
+that `osv generate` measured for each trained model).
 """
 
 from __future__ import annotations
@@ -158,19 +163,21 @@ def with_ci(m: dict, key: str, digits: int = 2) -> str | None:
     return f"{fmt(value, digits)} [{fmt(ci['low'], digits)}, {fmt(ci['high'], digits)}]"
 
 
-def table1(same: dict, other: dict, methods: dict) -> str:
+def table1(same: dict, other: dict, methods: dict, ode: dict | None = None) -> str:
     from osv.paper import TABLE1
 
     rows = []
-    for r in TABLE1:
+    for r in with_our_rows(TABLE1, methods):
         ours, note = _ours(r["method"], same, other, methods)
         if r["method"] is None:
             note = r["why_not"]
+        elif r.get("ours_only"):
+            note += "; ours only, not in the paper"
         elif r["fvd"] is None:
             note += "; not reported in the paper"
-        rows.append([r["label"], r["steps"], *ours, r["nfe"], r["fvd"], note])
-    header = ["method", "steps", "NFE", "s / video", "FVD (ours)", "FID (ours)", "KVD (ours)", "NFE (paper)",
-              "FVD (paper)", "row"]
+        rows.append([r["label"], r["steps"], *ours, ode_cell(r["method"], ode or {}), r["nfe"], r["fvd"], note])
+    header = ["method", "steps", "NFE", "s / video", "FVD (ours)", "FID (ours)", "KVD (ours)",
+              f"ODE match (PSNR to {ODE_REFERENCE}, dB)", "NFE (paper)", "FVD (paper)", "row"]
     return md_table(header, rows)
 
 
@@ -186,11 +193,19 @@ def table2(same: dict, other: dict, methods: dict) -> str:
     return md_table(header, rows)
 
 
+def paired_diff(a: dict, b: dict, key: str) -> tuple[float, tuple[float, float] | None]:
+    """metric(a) - metric(b) and its interval from the two methods' replicates, paired by test clip."""
+    from osv.eval.intervals import paired_difference
+
+    reps = [m.get("replicates", {}).get(key) for m in (a, b)]
+    level = (a["protocol"].get("bootstrap") or {}).get("level", 0.95)
+    return a[key] - b[key], paired_difference(*reps, level) if all(reps) else None
+
+
 def paired_rows(same: dict) -> list[dict]:
     """Every Table 2 row against the paper's best row of its ablation (the full OSV row for an ablation
     with one row): the paper's difference and ours,
     with the interval of ours from replicates paired by test clip (osv.eval.intervals)."""
-    from osv.eval.intervals import paired_difference
     from osv.paper import TABLE2
 
     full_osv = next(r for r in TABLE2 if r["method"] == "osv_tts")
@@ -206,9 +221,7 @@ def paired_rows(same: dict) -> list[dict]:
             row = dict(id=ab, ablation=r["ablation"], setting=r["setting"], versus=versus,
                        method=r["method"], reference=best["method"], paper=r["fvd"] - best["fvd"])
             for key in ("fvd", "kvd"):
-                reps = [m.get("replicates", {}).get(key) for m in (a, b)]
-                level = (a["protocol"].get("bootstrap") or {}).get("level", 0.95)
-                row[key] = (a[key] - b[key], paired_difference(*reps, level) if all(reps) else None)
+                row[key] = paired_diff(a, b, key)
             out.append(row)
     return out
 
@@ -290,6 +303,251 @@ def other_protocol_section(metrics: dict, other: dict[str, list[str]]) -> str:
     return text + md_table(["method", "NFE", "FVD", "FID", "differs in"], rows) + "\n"
 
 
+# ---------------------------------------------------------------- the teacher and the distance to it
+# (issue #14, item 4): is the embedded teacher worth distilling, and how far is each method from the
+# teacher's guided many-step solution? Every number with a bootstrap interval over test clips
+# (osv.eval.intervals; the resamples of osv fvd's FVD/KVD intervals, so paired across methods).
+
+ODE_REFERENCE = "teacher_25"  # the teacher's guided many-step solution
+TEACHER_STEP_PAIRS = [("teacher_2", "teacher_1"), ("teacher_8", "teacher_2"), ("teacher_25", "teacher_8"),
+                      ("teacher_25", "teacher_1")]  # (more steps, fewer steps)
+FRAME0_TEACHERS = ("teacher_25", "teacher_8", "teacher_2", "teacher_1", "teacher_1_nocfg")
+FRAME0_MARGIN_DB = 3.0  # criterion: the teacher's frame 0 within this of the VAE's reconstruction PSNR
+# Rows of ours that the paper's Table 1 lacks, each placed after the paper row named by `after`.
+OUR_TABLE1_ROWS = [dict(label="SVD teacher, no CFG", steps=1, nfe=None, fvd=None, method="teacher_1_nocfg",
+                        after="teacher_1", ours_only=True)]
+
+
+def with_our_rows(paper_rows: list[dict], methods: dict) -> list[dict]:
+    """The paper's rows with OUR_TABLE1_ROWS (those in eval.methods) inserted after their anchors."""
+    out = []
+    for r in paper_rows:
+        out.append(r)
+        out += [o for o in OUR_TABLE1_ROWS if o["after"] == r["method"] and o["method"] in methods]
+    return out
+
+
+def ode_cell(method: str | None, ode: dict) -> str | None:
+    if method == ODE_REFERENCE:
+        return "reference"
+    return with_ci(ode[method], "ode_match_psnr") if method in ode else None
+
+
+def _samples(folder: Path) -> tuple[list[Path], dict]:
+    meta = folder / "meta.json"
+    return sorted(folder.glob("clip-*.mp4")), json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def _ci(replicates: list[float], boot: dict) -> dict:
+    from osv.eval.intervals import interval
+
+    return dict(zip(("low", "high"), interval(replicates, boot["level"])))
+
+
+def _has_intervals(n: int, boot: dict) -> bool:
+    from osv.eval.intervals import MIN_CLIPS_FOR_INTERVALS
+
+    return bool(boot["resamples"]) and n >= MIN_CLIPS_FOR_INTERVALS
+
+
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity: a SLURM allocation or taskset), else all."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def ode_match(samples_dir: Path, methods: dict, boot: dict) -> tuple[dict[str, dict], dict[str, str]]:
+    """Teacher-ODE match: per clip, the PSNR (osv.eval.psnr, all frames) of a method's clip against
+    teacher_25's clip of the same index, which started from the same noise x_T = sigma_max eps and the
+    same first frame (osv generate); the mean over clips and its bootstrap interval. Returns
+    ({method: {ode_match_psnr, ode_match_psnr_ci, per_clip}}, {method: why it has none})."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from osv.eval.intervals import bootstrap_mean
+    from osv.eval.psnr import psnr
+    from osv.video import read_frames
+
+    ref_paths, ref_meta = _samples(samples_dir / ODE_REFERENCE)
+    others = [m for m in methods if m != ODE_REFERENCE]
+    if not ref_paths:
+        return {}, {m: f"no samples in {samples_dir / ODE_REFERENCE}" for m in others}
+    paths, notes = {}, {}
+    for name in others:
+        clips, meta = _samples(samples_dir / name)
+        ids, ref_ids = meta.get("clip_ids"), ref_meta.get("clip_ids")
+        if not clips:
+            notes[name] = f"no samples in {samples_dir / name}"
+        elif len(clips) != len(ref_paths):
+            notes[name] = f"{len(clips)} clips vs {len(ref_paths)} of {ODE_REFERENCE}"
+        elif ids is not None and ref_ids is not None and list(ids) != list(ref_ids):
+            notes[name] = f"its clips start from other test clips than {ODE_REFERENCE}'s (meta.json clip_ids)"
+        else:
+            paths[name] = clips
+
+    def clip(i: int) -> dict[str, float | str]:  # the reference clip decoded once for all methods
+        ref, row = read_frames(ref_paths[i])[0], {}
+        for name, clips in paths.items():
+            try:
+                row[name] = psnr(read_frames(clips[i])[0], ref)
+            except ValueError as exc:  # another frame count or resolution
+                row[name] = f"{clips[i]}: {exc}"
+        return row
+
+    # Decoding dominates (~30 ms per 1024x576 frame); PyAV and numpy release the GIL.
+    with ThreadPoolExecutor(max(1, min(8, _cpus()))) as pool:
+        rows = list(pool.map(clip, range(len(ref_paths))))
+    out = {}
+    for name in paths:
+        v = [row[name] for row in rows]
+        bad = next((x for x in v if isinstance(x, str)), None)
+        if bad is not None:
+            notes[name] = bad
+            continue
+        out[name] = {"ode_match_psnr": float(np.mean(v)), "per_clip": v}
+        if _has_intervals(len(v), boot):
+            out[name]["ode_match_psnr_ci"] = _ci(bootstrap_mean(v, boot["resamples"], boot["seed"]), boot)
+    return out, notes
+
+
+def absorption_rows(samples_dir: Path, methods: dict, boot: dict) -> list[dict]:
+    """Per trained model: the share of the teacher's CFG shift its consistency function reproduces at
+    sigma_max (osv generate's guidance_absorption), from the first of its methods whose meta.json has it,
+    with the bootstrap interval of the ratio of sums over clips."""
+    from osv.eval.intervals import bootstrap_ratio
+
+    by_model: dict[str, list[str]] = {}
+    for name, spec in methods.items():
+        if spec["model"] != "teacher":
+            by_model.setdefault(spec["model"], []).append(name)
+    rows = []
+    for model, names in by_model.items():
+        row = dict(model=model, methods=names, method=None, absorption=None, clips=0)
+        for name in names:
+            meta = _samples(samples_dir / name)[1]
+            terms = meta.get("absorption_per_clip")
+            if not terms:
+                continue
+            num, den = terms["numerator"], terms["denominator"]
+            row.update(method=name, absorption=meta.get("absorption"), clips=len(num))
+            if _has_intervals(len(num), boot) and all(d > 0 for d in den):
+                row["absorption_ci"] = _ci(bootstrap_ratio(num, den, boot["resamples"], boot["seed"]), boot)
+            break
+        rows.append(row)
+    return rows
+
+
+def diff_cell(diff: tuple[float, tuple[float, float] | None]) -> str:
+    value, ci = diff
+    return fmt(value, 3) if ci is None else f"{fmt(value, 3)} [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]"
+
+
+def steps_verdict(ci: tuple[float, float] | None) -> str:
+    """More steps minus fewer steps (lower is better): improves, worsens, or inconclusive."""
+    if ci is None:
+        return "no interval"
+    if ci[1] < 0:
+        return "improves"
+    if ci[0] > 0:
+        return "worsens"
+    return "inconclusive (interval holds 0)"
+
+
+def frame0_verdict(value: float, ci: dict | None, vae_psnr: float, margin: float = FRAME0_MARGIN_DB) -> str:
+    """The criterion "frame-0 PSNR within `margin` dB of the VAE's reconstruction PSNR"."""
+    threshold = vae_psnr - margin
+    text = "met" if value >= threshold else "not met"
+    if ci and ci["low"] < threshold <= ci["high"]:
+        text += f" (but the interval holds the threshold {fmt(threshold)} dB)"
+    return text
+
+
+def teacher_worth_section(same: dict, metrics_dir: Path) -> str:
+    """(a) Does the teacher reproduce the conditioning frame about as well as the VAE reconstructs
+    frames? (b) Does its quality improve from 1 to 25 steps (paired FVD/KVD differences)?"""
+    vae_path = metrics_dir / "vae.json"
+    vae = json.loads(vae_path.read_text()).get("psnr_test_db") if vae_path.exists() else None
+    rows = [[f"`{n}`", with_ci(same[n], "frame0_psnr")] for n in FRAME0_TEACHERS
+            if same.get(n, {}).get("frame0_psnr") is not None]
+    text = ("**(a) Does the teacher reproduce the conditioning frame?** Frame-0 PSNR: generated frame 0 "
+            "against the test clip's frame 0 (the conditioning frame), uint8 RGB as written to and read back "
+            "from the mp4s, mean over test clips of the per-clip PSNR with its bootstrap interval. The "
+            "comparator is the VAE's reconstruction PSNR on the test clips (metrics/vae.json psnr_test_db: "
+            "every frame, before any mp4 rounding; one number, no interval).\n\n")
+    if rows:
+        text += md_table(["method", "frame-0 PSNR (dB)"], rows) + "\n\n"
+    teacher = same.get(ODE_REFERENCE, {})
+    if teacher.get("frame0_psnr") is None:
+        text += f"Criterion not evaluated: no frame-0 PSNR for `{ODE_REFERENCE}` (rerun `osv fvd`).\n\n"
+    elif vae is None:
+        text += f"Criterion not evaluated: {vae_path} has no psnr_test_db.\n\n"
+    else:
+        text += (f"Criterion \"`{ODE_REFERENCE}` frame-0 PSNR within {fmt(FRAME0_MARGIN_DB, 0)} dB of the VAE's "
+                 f"reconstruction PSNR\": {with_ci(teacher, 'frame0_psnr')} dB against {fmt(vae)} dB "
+                 f"(threshold {fmt(vae - FRAME0_MARGIN_DB)} dB): **"
+                 f"{frame0_verdict(teacher['frame0_psnr'], teacher.get('frame0_psnr_ci'), vae)}**.\n\n")
+    cells = []
+    for more, fewer in TEACHER_STEP_PAIRS:
+        a, b = same.get(more), same.get(fewer)
+        if a is None or b is None:
+            continue
+        diffs = {k: paired_diff(a, b, k) for k in ("fvd", "kvd") if a.get(k) is not None and b.get(k) is not None}
+        cells.append([f"`{more}` - `{fewer}`"] + [x for k in ("fvd", "kvd") for x in (
+            (diff_cell(diffs[k]), steps_verdict(diffs[k][1])) if k in diffs else (None, None))])
+    text += ("**(b) Does the teacher improve from 1 to 25 steps?** More steps minus fewer steps (negative: "
+             "better with more steps), intervals from replicates paired by test clip as in \"Paired "
+             "differences\" below; a verdict per metric.\n\n")
+    if cells:
+        text += md_table(["pair", "ΔFVD", "FVD verdict", "ΔKVD", "KVD verdict"], cells) + "\n"
+    else:
+        text += "No pair of teacher rows was scored under this protocol.\n"
+    return text
+
+
+def distance_section(same: dict, methods: dict, ode: dict, ode_notes: dict, absorption: list[dict]) -> str:
+    """Every method's distance to the teacher's guided solution, and the guidance each trained model absorbed."""
+    rows = []
+    for name, spec in methods.items():
+        if name == ODE_REFERENCE:
+            cell = "reference"
+        else:
+            cell = ode_cell(name, ode) or f"— ({ode_notes.get(name, 'not computed')})"
+        steps = f"{spec['steps']}" + (f", CFG {fmt(float(spec['cfg']), 1)}" if "cfg" in spec else "")
+        rows.append([f"`{name}`", spec["sampler"], steps, cell, with_ci(same.get(name, {}), "frame0_psnr")])
+    text = (f"ODE match: per test clip, the PSNR (all frames, dB) between a method's clip and `{ODE_REFERENCE}`'s "
+            "clip with the same index, which `osv generate` started from the same noise x_T = σ_max·ε (the "
+            "first draw of the same generator, for every sampler) and the same first frame; mean over clips, "
+            "bootstrap interval over clips (paired with the FVD/KVD intervals). Higher is closer to the "
+            "teacher's guided many-step solution; identical clips give "
+            "120 dB (the MSE floor of osv/eval/psnr.py). Frame-0 PSNR as above.\n\n")
+    text += md_table(["method", "sampler", "steps", f"ODE match (PSNR to {ODE_REFERENCE}, dB)",
+                      "frame-0 PSNR (dB)"], rows) + "\n\n"
+    text += ("Guidance absorption per trained model: the share of the teacher's CFG shift that the student's "
+             "consistency function reproduces at the 1-step sampler's input x = σ_max·ε (the same noise): "
+             "<f_θ − D_φ, D̂_φ − D_φ> / ‖D̂_φ − D_φ‖², summed over test clips, with D_φ the conditional teacher, "
+             "D̂_φ the teacher guided with the training ramp (acd.cfg). 0: the student is the unguided "
+             "teacher at σ_max; 1: it absorbed the guidance. Interval: bootstrap of the ratio of sums over "
+             "clips.\n\n")
+    missing = "not in its methods' meta.json (rerun `osv generate`)"
+    cells = [[f"`{r['model']}`", with_ci(r, "absorption", 3) if r["absorption"] is not None else "—",
+              r["clips"] or None, f"`{r['method']}`" if r["method"] else missing,
+              ", ".join(f"`{m}`" for m in r["methods"])] for r in absorption]
+    if cells:
+        text += md_table(["model", "absorption", "clips", "measured in", "methods"], cells) + "\n"
+    else:
+        text += "No method samples a trained model.\n"
+    return text
+
+
+def teacher_summary(same: dict, ode: dict, absorption: list[dict]) -> dict:
+    """reports/metrics.json additions: frame-0 PSNR and ODE match per method, absorption per model."""
+    methods = {n: {k: v for k, v in (("frame0_psnr", m.get("frame0_psnr")),
+                                     ("ode_match_psnr", ode.get(n, {}).get("ode_match_psnr"))) if v is not None}
+               for n, m in same.items()}
+    return {"methods": {n: v for n, v in methods.items() if v},
+            "absorption": {r["model"]: r["absorption"] for r in absorption if r["absorption"] is not None}}
+
+
 # ---------------------------------------------------------------- plots
 
 def fvd_vs_nfe_rows(same: dict, methods: dict) -> list[dict]:
@@ -298,6 +556,8 @@ def fvd_vs_nfe_rows(same: dict, methods: dict) -> list[dict]:
     for name, m in same.items():
         spec = methods[name]
         if name.startswith("abl_") or ("cfg" in spec and spec["sampler"] != "teacher"):
+            continue
+        if spec["sampler"] == "teacher" and spec.get("cfg", 1.0) <= 1:  # the unguided teacher: not on the CFG curve
             continue
         rows.append(dict(family=FAMILIES[spec["sampler"]], method=name, nfe=m["nfe"], fvd=m["fvd"]))
     return sorted(rows, key=lambda r: (r["family"], r["nfe"], r["method"]))
@@ -424,6 +684,27 @@ def timing_section(params: dict, metrics_dir: Path, samples_dir: Path, out: Path
 
 # ---------------------------------------------------------------- the report
 
+def claims_section(metrics_dir: Path, level: float) -> tuple[str, dict]:
+    """The Claims table of `osv experiment claims` (markdown) and its verdicts (for reports/metrics.json)."""
+    from osv.experiments.verdicts import arms_table, claims_table
+    from osv.provenance import read_metrics
+
+    path = metrics_dir / "claims.json"
+    if not path.exists():
+        return f"Not produced: {path} is missing (the claims stage did not run or failed).\n", {}
+    claims = read_metrics(path)
+    counts = {v: sum(c["verdict"] == v for c in claims["claims"].values())
+              for v in ("reproduced", "not reproduced", "inconclusive")}
+    proto = claims.get("protocol", {})
+    text = (f"The paper's claims on a miniature with an exact teacher (`osv experiment claims`; docs/design.md, "
+            f"\"The claims miniature\"): {proto.get('data', '')}; target: {proto.get('target', '')}; "
+            f"{proto.get('distance', '')}; {proto.get('interval', '')}, seeds {proto.get('seeds', '')}. "
+            f"Lower distance is better. Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + ".\n\n"
+            + claims_table(claims, level) + "\n\n" + arms_table(claims, level)
+            + "\n\n![claims curves](claims_curves.png)\n")
+    return text, {cid: c["verdict"] for cid, c in claims["claims"].items()}
+
+
 def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> Path:
     from osv.atomic import write_text
     from osv.paper import PAPER_PROTOCOL
@@ -439,7 +720,15 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> 
     runs = write_train_curves(plots_dir / "train", out / "train_curves.png")
     summary = {n: {k: m.get(k) for k in ("fvd", "fid", "kvd", "nfe", "sec_per_video") if m.get(k) is not None}
                for n, m in same.items()}
-    write_metrics(out / "metrics.json", {"protocol": reference, "methods": summary, "other_protocol": sorted(other)},
+    boot = params["eval"]["bootstrap"]
+    ode, ode_notes = ode_match(samples_dir, methods, boot)
+    absorption = absorption_rows(samples_dir, methods, boot)
+    extra = teacher_summary(same, ode, absorption)
+    claims_text, claims_verdicts = claims_section(metrics_dir, params["claims"]["level"])
+    for n, values in extra["methods"].items():
+        summary[n].update(values)
+    write_metrics(out / "metrics.json", {"protocol": reference, "methods": summary, "other_protocol": sorted(other),
+                                         "absorption": extra["absorption"], "claims": claims_verdicts},
                   record(params, "report", precision="n/a (copies the fvd stage's numbers)"))
     curves = ("![training curves](train_curves.png)\n\nRuns: " + ", ".join(runs)) if runs else \
         f"No training curves found in {plots_dir / 'train'}."
@@ -454,10 +743,20 @@ once here; the paper's columns come from {PAPER_PROTOCOL}. The two protocols dif
 {protocol_section(reference, same)}
 ## Table 1: FVD against NFE (paper Table 1)
 
-{table1(same, other, methods)}
+{table1(same, other, methods, ode)}
 
 ![FVD vs NFE](fvd_vs_nfe.png)
 
+## Is the teacher worth distilling?
+
+{teacher_worth_section(same, metrics_dir)}
+## Distance to the teacher's guided solution
+
+{distance_section(same, methods, ode, ode_notes, absorption)}
+
+## Claims (Tables 1-2 and Fig. 5 in miniature, exact teacher)
+
+{claims_text}
 ## Table 2: ablations (paper Table 2; 1 step + TTS unless noted)
 
 {table2(same, other, methods)}

@@ -78,8 +78,8 @@ def build_nets(params: dict, stage: str, spec: dict, teacher, init, dinov2, devi
             if n in ema:
                 ema[n].copy_(v)
     network = torch.compile(student) if params["train"]["compile"] else student
-    nets = Nets(student, Denoiser(network, sigma_min=sigma_min), trainable, ema)
-    if stage == "acd":
+    nets = Nets(student, Denoiser(network, boundary=st["boundary"], sigma_min=sigma_min), trainable, ema)
+    if stage == "acd":  # the teacher is a diffusion model, not a consistency function: SVD's approximate form
         teacher_unet = load_unet(teacher).to(device).eval().requires_grad_(False)
         nets.teacher_fn = Denoiser(teacher_unet, sigma_min=sigma_min)
     if cfg["lambda_adv"] > 0:

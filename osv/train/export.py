@@ -22,7 +22,7 @@ def sampler_config(params: dict) -> dict:
     sde, cond, data = params["sde"], params["conditioning"], params["data"]
     return {
         "sigma_min": sde["sigma_min"], "sigma_max": sde["sigma_max"], "rho": sde["rho"],
-        "num_sigmas": sde["num_sigmas"], "sampler": "tts", "steps": 1,
+        "num_sigmas": sde["num_sigmas"], "sampler": "tts", "steps": 1, "boundary": params["student"]["boundary"],
         "fps": data["fps"], "motion_bucket_id": cond["motion_bucket_id"],
         "noise_aug_strength": cond["noise_aug_strength"], "frames": data["frames"],
         "resolution": dict(data["resolution"]),

@@ -20,7 +20,7 @@ import torch
 
 from osv.numerics import NonFiniteError, require_finite
 
-STREAMS = {"data": 0, "noise": 1, "index": 2, "dropout": 3, "sigma": 4, "eval": 5}
+STREAMS = {"data": 0, "noise": 1, "index": 2, "dropout": 3, "sigma": 4, "eval": 5, "cfg": 6}
 
 
 class NonFiniteLossError(NonFiniteError):

@@ -28,6 +28,7 @@ localrules:
     train,
     generate,
     fvd,
+    claims,
 
 
 def stage_params(stage):

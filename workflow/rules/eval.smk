@@ -49,12 +49,35 @@ rule fvd:
         " --clips data/clips --base models/base --out metrics/eval/{wildcards.method}.json 2>&1 | tee {log}"
 
 
+rule claims:
+    # Tables 1-2 and Fig. 5 in miniature (exact teacher, several seeds): no input but the code.
+    input:
+        code=code_files("claims"),
+    output:
+        "metrics/claims.json",
+        "metrics/claims.provenance.json",
+        "plots/claims.csv",
+        report("reports/claims_curves.png", caption="../report/claims_curves.rst", category="Results"),
+    params:
+        deps=stage_params("claims"),
+    threads: stage_threads("claims")
+    log:
+        "logs/claims.log",
+    conda:
+        "../envs/osv.yaml"
+    shell:
+        "osv experiment claims --params params.yaml --out metrics/claims.json --plot reports/claims_curves.png"
+        " --csv plots/claims.csv 2>&1 | tee {log}"
+
+
 rule report:
     input:
         expand("metrics/eval/{method}.json", method=METHODS),
+        expand("samples/{method}", method=METHODS),  # teacher-ODE match, guidance absorption
         expand("plots/train/{run}.csv", run=RUNS),
         "metrics/vae.json",
         "metrics/teacher.json",
+        "metrics/claims.json",
         code=code_files("report"),
     output:
         report("reports/results.md", caption="../report/results.rst", category="Results"),
