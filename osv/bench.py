@@ -1,7 +1,9 @@
 """`osv bench ...`: micro-benchmarks that print numbers (no timing is asserted in tests).
 
 sample: sampler speed and NFE; disc: discriminator iteration cost; fvd: feature-extractor throughput;
-vae: VAE training step; step: training step vs its floor; timing: the per-stage timing of a run.
+vae: VAE training step; step: training step vs its floor; timing: the per-stage timing of a run;
+train: s/iteration and peak memory of whole stage-1/stage-2 iterations (real SVD shapes with --shape svd);
+plan: GPU-hours, wall hours and peak memory of every training run from those measurements, for a card.
 
 Each benchmark lives in its own module exposing `add_args(parser)` and `run(args)`. A module
 that is missing or fails to import only breaks its own subcommand (it fails when run, with
@@ -21,6 +23,8 @@ BENCHMARKS = [
     ("vae", "osv.bench_vae", "seconds per VAE training step (crop, whole frame) and where they go"),
     ("step", "osv.bench_step", "one training step (lgp, acd) vs the floor of its network evaluations"),
     ("timing", "osv.bench_timing", "per-stage timing of a finished run (wall, CPU, peak RSS, start-up) as Markdown"),
+    ("train", "osv.bench_train", "s/iteration and peak memory of a stage-1 / stage-2 iteration (lgp, acd, ablation e)"),
+    ("plan", "osv.plan", "GPU-hours, wall hours and peak memory per training run of train.runs for a named card"),
 ]
 
 

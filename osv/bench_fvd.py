@@ -72,7 +72,7 @@ def run(args) -> dict:
     clips = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
     batch = args.batch or ev["batch_size"]
     rows = []
-    for kind, ext in (("video", video_extractor(params, args.base, device)), ("frame", frame_extractor(params, device))):
+    for kind, ext in (("video", video_extractor(params, args.base, device)), ("frame", frame_extractor(params, device, args.base))):
         rows.append(dict(part=f"{kind} features", backbone=ext.name, value=_throughput(ext, clips, batch,
                                                                                         kind == "frame"),
                          unit="clips/s"))

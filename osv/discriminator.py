@@ -5,7 +5,10 @@ Front ends (params `disc.front_end`):
       each frame's latent to a small RGB-like image. Its output is treated as lying
       in a [-1, 1]-like range, like decoded pixels, so both front ends share one path.
   vae (ablation e): the frozen VAE decoder turns latents / scaling_factor into RGB
-      in [-1, 1] (decode with num_frames=T, a few videos per chunk).
+      in [-1, 1] (decode with num_frames=T, a few videos per chunk). disc.vae_downscale = f > 1
+      [gap] area-averages the latents by f before decoding (frames of (h/f)·8 x (w/f)·8 pixels):
+      the memory of backpropagating through the decoder scales with the decoded pixels
+      (docs/benchmarks.md, "Memory at paper scale"), and DINOv2 sees backbone_input² either way.
 Shared path: bilinear resize to backbone_input x backbone_input (antialias off: the
 resize is a differentiable, cheap interpolation; non-square frames are stretched),
 map [-1, 1] -> [0, 1], ImageNet mean/std (what DINOv2 was trained on), then the
@@ -92,13 +95,16 @@ def make_head(in_channels: int, channels: int, dims: int) -> nn.Sequential:
 class Discriminator(nn.Module):
     def __init__(self, backbone: nn.Module, front_end: str = "latent", vae: nn.Module | None = None,
                  upsample_factor: int = 4, backbone_input: int = 224, layers=(2, 5, 8, 11),
-                 head_channels: int = 64, latent_channels: int = 4, decode_chunk: int = 1):
+                 head_channels: int = 64, latent_channels: int = 4, decode_chunk: int = 1,
+                 vae_downscale: int = 1):
         super().__init__()
         cfg = backbone.config
         if front_end not in FRONT_ENDS:
             raise ValueError(f"disc.front_end must be one of {FRONT_ENDS}, got {front_end!r}")
         if front_end == "vae" and vae is None:
             raise ValueError("disc.front_end = vae needs the VAE (pass vae=...)")
+        if vae_downscale < 1:
+            raise ValueError(f"disc.vae_downscale must be >= 1, got {vae_downscale}")
         if backbone_input % cfg.patch_size:
             raise ValueError(f"disc.backbone_input = {backbone_input} is not a multiple of the "
                              f"DINOv2 patch size {cfg.patch_size}")
@@ -111,6 +117,7 @@ class Discriminator(nn.Module):
         self.layers = list(layers)
         self.grid = backbone_input // cfg.patch_size
         self.decode_chunk = decode_chunk
+        self.vae_downscale = vae_downscale
         self.backbone = _freeze(backbone)
         self.vae = _freeze(temporal_convs_as_conv2d(vae)) if front_end == "vae" else None
         self.upsampler = LatentUpsampler(latent_channels, upsample_factor) if front_end == "latent" else None
@@ -137,7 +144,7 @@ class Discriminator(nn.Module):
         latent_channels = vae.config.latent_channels if vae is not None else 4
         return cls(backbone, d["front_end"], vae if d["front_end"] == "vae" else None,
                    d["upsample_factor"], d["backbone_input"], d["layers"], d["head_channels"],
-                   latent_channels)
+                   latent_channels, vae_downscale=d.get("vae_downscale", 1))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -145,6 +152,10 @@ class Discriminator(nn.Module):
         if self.vae is not None:
             self.vae.eval()
         return self
+
+    def enable_gradient_checkpointing(self) -> list[str]:
+        """train.grad_checkpointing: checkpoint the VAE decoder (vae front end); returns its regions."""
+        return checkpoint_decoder(self.vae) if self.vae is not None else []
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Upsampler (latent front end) + heads; DINOv2 and the VAE stay frozen."""
@@ -168,6 +179,10 @@ class Discriminator(nn.Module):
         if self.upsampler is not None:
             return self.upsampler(latents.flatten(0, 1).to(_dtype(self.upsampler)))
         z = latents.to(_dtype(self.vae)) / self.vae.config.scaling_factor
+        if self.vae_downscale > 1:
+            h, w = z.shape[-2:]
+            size = (max(1, h // self.vae_downscale), max(1, w // self.vae_downscale))
+            z = F.adaptive_avg_pool2d(z.flatten(0, 1), size).unflatten(0, (b, t))
         chunks = [self.vae.decode(z[i:i + self.decode_chunk].flatten(0, 1), num_frames=t).sample
                   for i in range(0, b, self.decode_chunk)]
         return torch.cat(chunks)
@@ -214,6 +229,32 @@ class Discriminator(nn.Module):
     def forward(self, latents: torch.Tensor) -> torch.Tensor:
         """latents [B, T, C, h, w] -> logits [B, K]."""
         return self.logits(self.features_of(latents), latents.shape[0])
+
+
+def checkpoint_decoder(vae: nn.Module) -> list[str]:
+    """Gradient checkpointing of the SVD VAE decoder: one region per ResnetBlock2D,
+    TemporalResnetBlock, attention and upsampler (osv.memory.checkpoint_whole); returns their names.
+
+    diffusers' own (`vae.enable_gradient_checkpointing`) makes the mid block and each whole up
+    block a region, so backward recomputes a whole full-resolution up block (three
+    spatio-temporal resnets) at once: at 1024x576x14 that region alone keeps ~128 GiB. The
+    regions here cost the same recompute; the largest keeps ~30 GiB, with ~38 GiB held between
+    forward and backward (extrapolated, docs/benchmarks.md "Memory at paper scale"), hence also
+    disc.vae_downscale. The decoder's own flag stays off (no nested regions). Gradients are
+    those of the plain forward.
+    """
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D, TemporalResnetBlock
+    from diffusers.models.upsampling import Upsample2D
+
+    from osv.memory import checkpoint_whole
+
+    names = []
+    for name, module in vae.decoder.named_modules():
+        if isinstance(module, ResnetBlock2D | TemporalResnetBlock | Attention | Upsample2D):
+            checkpoint_whole(module).gradient_checkpointing = True
+            names.append(f"decoder.{name}")
+    return names
 
 
 def _freeze(module: nn.Module) -> nn.Module:

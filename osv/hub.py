@@ -88,13 +88,35 @@ def resolve_commit(repo_id: str, repo_type: str, revision: str, endpoint: str | 
     try:
         meta = get_hf_file_metadata(url, endpoint=endpoint_url(endpoint))
     except Exception as exc:
-        raise DownloadError(f"{repo_type} {repo_id}@{revision}: cannot read {probe_path} ({url}): {exc}") from exc
+        raise DownloadError(f"{repo_type} {repo_id}@{revision}: cannot read {probe_path} ({url}): {exc}"
+                            f"{access_hint(exc, repo_type, repo_id, endpoint)}") from exc
     commit = meta.commit_hash
     if not commit or len(commit) != 40:
         raise DownloadError(f"{url}: the server sent no X-Repo-Commit header, so it is not a Hugging Face hub endpoint")
     if len(revision) == 40 and commit != revision:
         raise DownloadError(f"{repo_type} {repo_id}: asked for commit {revision} but the hub served {commit}")
     return commit
+
+
+def access_hint(exc: Exception, repo_type: str, repo_id: str, endpoint: str | None) -> str:
+    """What to do when the hub refuses a repository (gated, e.g. SVD img2vid, or private): '' otherwise.
+
+    huggingface_hub sends the token of $HF_TOKEN, else the one `hf auth login` stored in
+    $HF_HOME/token (HF_TOKEN_PATH); we pass none explicitly, so that is the token used.
+    """
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if not isinstance(exc, GatedRepoError) and not (isinstance(exc, HfHubHTTPError) and status in (401, 403)):
+        return ""
+    page = f"{endpoint_url(endpoint)}/{'' if repo_type == 'model' else repo_type + 's/'}{repo_id}"
+    token = ("no token was found (neither $HF_TOKEN nor a stored login)" if get_token() is None
+             else "the token in use has no access to it")
+    return (f"\n{repo_type} {repo_id} refused access (HTTP {status}): {token}. It is probably a gated "
+            f"repository: while logged in, accept its licence on {page}, create a read token "
+            f"(Settings > Access Tokens), then `hf auth login` (older huggingface_hub: `huggingface-cli login`) "
+            f"or `export HF_TOKEN=hf_...` in the environment of `osv weights`.")
 
 
 def _api(endpoint: str | None):
@@ -199,8 +221,13 @@ def fetch_file(repo_id: str, repo_type: str, commit: str, endpoint: str | None, 
     return dest, digest
 
 
-def fetch_url(url: str, name: str, sha256: str | None = None) -> tuple[Path, str]:
-    """Download a plain URL into the cache (resuming); check `sha256` when given; return (path, sha256)."""
+def fetch_url(url: str, name: str, sha256: str | None = None, sha256_prefix: str | None = None) -> tuple[Path, str]:
+    """Download a plain URL into the cache (resuming); return (path, sha256).
+
+    `sha256`: the expected SHA-256; `sha256_prefix`: the expected start of it (torch hub's
+    convention of naming a file `<name>-<first hex digits of its SHA-256>.<ext>`). A file
+    that fails either check is deleted from the cache and refused; no token is sent.
+    """
     from filelock import FileLock
 
     dest = download_root() / "urls" / hashlib.sha256(url.encode()).hexdigest()[:16] / name
@@ -213,7 +240,12 @@ def fetch_url(url: str, name: str, sha256: str | None = None) -> tuple[Path, str
         digest = sha256_file(dest)
         if sha256 is not None and digest != sha256:
             dest.unlink()
-            raise DownloadError(f"{url}: sha256 mismatch: expected {sha256}, got {digest}; removed the download")
+            raise DownloadError(f"{url} ({name}): sha256 mismatch: expected {sha256}, got {digest}; "
+                                "removed the download")
+        if sha256_prefix is not None and not digest.startswith(sha256_prefix):
+            dest.unlink()
+            raise DownloadError(f"{url} ({name}): sha256 mismatch: expected a hash starting with {sha256_prefix} "
+                                f"(from the file name), got {digest}; removed the download")
     return dest, digest
 
 

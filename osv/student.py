@@ -7,6 +7,9 @@ stage 2 also trains "specific layers", given as module-name patterns
 The adapter is injected in place with `peft.inject_adapter_in_model`, so the
 student stays a diffusers `UNetSpatioTemporalConditionModel` that accepts the
 same call as the teacher. LoRA B starts at zero: the student equals the teacher.
+
+`enable_gradient_checkpointing` (train.grad_checkpointing) extends diffusers' checkpointing of the
+SVD UNet to the temporal blocks it skips (osv.memory).
 """
 
 from __future__ import annotations
@@ -40,6 +43,38 @@ def make_student(unet: torch.nn.Module, rank: int, targets: Iterable[str], alpha
     for name, p in unet.named_parameters():
         p.requires_grad_(is_lora_name(name))
     return unet
+
+
+def enable_gradient_checkpointing(unet: torch.nn.Module) -> list[str]:
+    """Gradient checkpointing of the whole SVD UNet; returns the modules made checkpoint regions here.
+
+    diffusers (0.42) `enable_gradient_checkpointing` checkpoints every SpatioTemporalResBlock of the
+    down and up blocks and of the mid block but its first, and inside each
+    TransformerSpatioTemporalModel only the spatial BasicTransformerBlocks. It skips the
+    temporal_transformer_blocks (attention over frames and a 4x GEGLU feed-forward on every token),
+    norm / proj_in / proj_out and the time mixer, the mid block's first resnet and the
+    Upsample2D convolutions (input 4x their block's output). Here each TransformerSpatioTemporalModel
+    becomes one region (spatial and temporal blocks together; the spatial blocks' own checkpoint
+    becomes a plain call, so nothing is recomputed twice), and so do the mid block's first resnet
+    and each upsampler. All regions are non-reentrant torch.utils.checkpoint (osv.memory.checkpoint);
+    gradients are those of the plain forward. `unet.disable_gradient_checkpointing()` turns all off.
+    """
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+    from diffusers.models.unets.unet_3d_blocks import UNetMidBlockSpatioTemporal
+    from diffusers.models.upsampling import Upsample2D
+
+    from osv.memory import checkpoint_module, checkpoint_whole
+
+    regions = []
+    for name, module in unet.named_modules():
+        if isinstance(module, TransformerSpatioTemporalModel | Upsample2D):
+            regions.append((name, module))
+        elif isinstance(module, UNetMidBlockSpatioTemporal):
+            regions.append((f"{name}.resnets.0", module.resnets[0]))  # called directly, not checkpointed
+    for _, module in regions:
+        checkpoint_whole(module)
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_module)
+    return [name for name, _ in regions]
 
 
 def is_lora_name(name: str) -> bool:

@@ -3,7 +3,12 @@
 weights.source == "config" (embedded scale, offline): the small pipeline and DINOv2 built
 from osv/configs with a fixed seed, randomly initialised, saved with save_pretrained.
 weights.source == "hub" (paper scale): SVD img2vid, DINOv2 and StyleGAN-V's I3D at pinned
-revisions, through osv.hub (resumable, every file checked against the hub's SHA-256).
+revisions, through osv.hub (resumable, every file checked against the hub's SHA-256), and
+the FID Inception v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) checked
+against weights.inception.sha256. This is the only stage that needs the network (besides
+the data stage's OpenVid download): fvd and the rest read models/base. SVD img2vid is a
+gated repository: accept its licence on the hub and give huggingface_hub a read token
+(`hf auth login`, or HF_TOKEN in the environment); README.md, "Running on a SLURM cluster".
 We take SVD's fp32 diffusers files (not the fp16 variant): every stage loads the folder
 with a plain from_pretrained and trains in fp32 master weights (autocast does the rest);
 about 9 GB. Either way models/base/weights.json says what each part is.
@@ -32,6 +37,9 @@ RANDOM_INIT = "random init (NOT the real SVD/DINOv2 weights)"
 # part -> (small config name, seed offset from weights.config_seed); offsets as in build_small_pipeline
 SMALL_PARTS = {"vae": ("vae", 0), "image_encoder": ("clip", 1), "unet": ("unet", 2), "dinov2": ("dinov2", 3)}
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
+# torch hub's convention (torch.hub.HASH_REGEX): `<name>-<first hex digits of the SHA-256>.<ext>`
+HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+INCEPTION_FILE = "inception/pt_inception.pth"  # models/base/<this>; osv.eval.features reads it
 
 
 def register(subparsers) -> None:
@@ -48,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def build_base(params: dict, out: Path) -> dict:
-    """Write models/base (pipeline folder + dinov2/ [+ i3d/] + weights.json) atomically."""
+    """Write models/base (pipeline folder + dinov2/ [+ i3d/ + inception/] + weights.json) atomically."""
     source = params["weights"]["source"]
     if source == "hub":
         check_pins(params["weights"])
@@ -142,10 +150,40 @@ def fetch_i3d(cfg: dict, dest: Path) -> dict:
     return {"url": cfg["url"], "sha256": digest, "sha256_checked": cfg["sha256"] is not None}
 
 
+def fetch_inception(cfg: dict, dest: Path) -> dict:
+    """pytorch-fid's FID Inception v3 state dict; refuse a SHA-256 mismatch; check that it is a state dict.
+
+    weights.inception.sha256 null: the hex digits at the end of the URL's file name, if any,
+    must start its SHA-256 (torch hub's check_hash convention), else the hash is only recorded.
+    """
+    import torch
+
+    from osv.hub import fetch_url, link_or_copy
+
+    name = cfg["url"].split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    prefix = None
+    if cfg["sha256"] is None and (m := HASH_SUFFIX.search(name)):
+        prefix = m.group(1)
+    path, digest = fetch_url(cfg["url"], Path(INCEPTION_FILE).name, cfg["sha256"], prefix)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # e.g. an HTML page instead of the weights
+        raise ValueError(f"weights.inception.url {cfg['url']}: {path} is not a torch state dict ({exc})") from exc
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"weights.inception.url {cfg['url']}: {path} is not a state dict of tensors")
+    link_or_copy(path, dest / Path(INCEPTION_FILE).name)
+    return {"url": cfg["url"], "file": INCEPTION_FILE, "sha256": digest, "sha256_checked": cfg["sha256"] is not None,
+            "sha256_prefix_checked": prefix}
+
+
 def from_hub(w: dict, tmp: Path) -> dict:
+    # the two small URL files first: a wrong pin fails before the 9 GB of SVD
+    i3d = fetch_i3d(w["i3d"], tmp / "i3d")
+    inception = fetch_inception(w["inception"], tmp / Path(INCEPTION_FILE).parent)
     parts = {"teacher": fetch_repo(w["teacher"], TEACHER_FILES, tmp),
              "dinov2": fetch_repo(w["dinov2"], DINOV2_FILES, tmp / "dinov2"),
-             "i3d": fetch_i3d(w["i3d"], tmp / "i3d")}
+             "i3d": i3d, "inception": inception}
     return {"source": "hub", "parts": parts,
             "note": "Pretrained weights at pinned commits; SVD fp32 diffusers files; every file SHA-256 checked "
-                    "against the hub (I3D against weights.i3d.sha256 when set)."}
+                    "against the hub (I3D against weights.i3d.sha256 when set, the FID Inception weights against "
+                    "weights.inception.sha256, else against the hash prefix in their file name)."}

@@ -165,3 +165,50 @@ def test_bench_disc_runs_and_reports(tmp_path, capsys):
     assert [r["front_end"] for r in result["results"]] == ["latent", "vae"]
     assert all(r["sec_per_iter"] > 0 for r in result["results"])
     assert result["ratio_vae_over_latent"]["time"] > 0
+
+
+def test_vae_decoder_checkpointing_same_gradients_less_memory():
+    from osv.memory import saved_tensor_bytes
+
+    disc = make_disc("vae").train()
+    latents = torch.randn(1, 3, 4, 4, 6)
+
+    def step():
+        disc.zero_grad(set_to_none=True)
+        z = latents.clone().requires_grad_(True)
+        loss = disc(z).mean()
+        loss.backward()
+        return loss.detach(), z.grad, {n: p.grad for n, p in disc.named_parameters() if p.grad is not None}
+
+    def saved():
+        return saved_tensor_bytes(lambda: disc(latents.clone().requires_grad_(True)).mean(), exclude=[disc])
+
+    plain, plain_bytes = step(), saved().bytes
+    regions = disc.enable_gradient_checkpointing()
+    assert regions and all(r.startswith("decoder.") for r in regions)
+    assert any("upsamplers" in r for r in regions) and any("mid_block.attentions" in r for r in regions)
+    ckpt, ckpt_saved = step(), saved()
+    torch.testing.assert_close(ckpt[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(ckpt[1], plain[1], rtol=1e-5, atol=1e-8)
+    assert set(ckpt[2]) == set(plain[2])
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(ckpt[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert ckpt_saved.bytes < 0.7 * plain_bytes, (ckpt_saved.bytes, plain_bytes)
+    assert make_disc("latent").enable_gradient_checkpointing() == []  # nothing frozen and deep to recompute
+
+
+def test_vae_downscale_decodes_area_averaged_latents():
+    params = {"disc": {**PARAMS["disc"], "front_end": "vae", "vae_downscale": 2}}
+    disc = Discriminator.from_params(params, build_small_dinov2(seed=1), build_small_vae(seed=2))
+    full = make_disc("vae")
+    assert disc.vae_downscale == 2 and full.vae_downscale == PARAMS["disc"]["vae_downscale"] == 1
+    latents = torch.randn(2, 3, 4, 4, 6)
+    with torch.no_grad():
+        assert disc.to_pixels(latents).shape == (6, 3, 16, 24)  # (4/2)·8 x (6/2)·8
+        assert full.to_pixels(latents).shape == (6, 3, 32, 48)
+        pooled = torch.nn.functional.avg_pool2d(latents.flatten(0, 1), 2).unflatten(0, (2, 3))
+        torch.testing.assert_close(disc.to_pixels(latents), full.to_pixels(pooled))
+        assert disc(latents).shape == full(latents).shape  # DINOv2 sees backbone_input² either way
+    with pytest.raises(ValueError, match="vae_downscale"):
+        Discriminator.from_params({"disc": {**params["disc"], "vae_downscale": 0}}, build_small_dinov2(seed=1),
+                                  build_small_vae(seed=2))

@@ -450,3 +450,109 @@ def test_frame0_psnr_is_the_psnr_of_the_decoded_first_frames(tmp_path, real_halv
                               str(tmp_path / "m2.json"), cache_dir=None, device="cpu")
     assert swapped["frame0_psnr_per_clip"][1] == pytest.approx(want[1])
     assert swapped["frame0_psnr_per_clip"][0] == pytest.approx(hand_psnr(gen0[0], real0[2]))
+
+
+@pytest.fixture(scope="module")
+def fid_inception_weights(tmp_path_factory):
+    """A state dict with the architecture of pytorch-fid's FID Inception (random weights, fp16 to halve
+    the file), built by pytorch-fid's own code with its download replaced: no network."""
+    import pytorch_fid.inception as pfi
+
+    built = []
+    original = pfi._inception_v3
+
+    def keep(*args, **kwargs):
+        built.append(original(*args, **kwargs))
+        return built[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pfi, "_inception_v3", keep)
+        mp.setattr(pfi, "load_state_dict_from_url", lambda url, **kw: built[-1].state_dict())
+        torch.manual_seed(0)
+        pfi.InceptionV3([3])
+    state = {k: v.half() if v.is_floating_point() else v for k, v in built[-1].state_dict().items()}
+    path = tmp_path_factory.mktemp("fid") / "pt_inception.pth"
+    torch.save(state, path)
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def no_downloads(monkeypatch):
+    import pytorch_fid.inception as pfi
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    for target in (torch.hub, pfi):
+        monkeypatch.setattr(target, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+def place_inception(base: Path, weights: Path) -> Path:
+    import shutil
+
+    from osv.eval.features import inception_weights_path
+
+    path = inception_weights_path(base)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(weights, path)
+    return path
+
+
+def test_fid_inception_loads_the_fetched_weights_offline(tmp_path, fid_inception_weights, real_halves, monkeypatch):
+    from osv.eval.features import InceptionFrameFeatures, frame_extractor
+
+    weights, sha = fid_inception_weights
+    no_downloads(monkeypatch)
+    place_inception(tmp_path / "base", weights)
+    params = copy.deepcopy(load_params(REPO / "params.yaml"))
+    params["eval"]["fid_backbone"] = "inception"
+    params["weights"]["inception"]["sha256"] = sha
+    ext = frame_extractor(params, "cpu", base=tmp_path / "base")
+    assert isinstance(ext, InceptionFrameFeatures) and ext.sha256 == sha
+    assert ext.name == f"pytorch-fid InceptionV3 pool3 sha256:{sha}"
+    feats = ext(real_halves[0][0, :2])
+    assert feats.shape == (2, 2048) and np.isfinite(feats).all() and (feats >= 0).all()
+    np.testing.assert_allclose(ext(real_halves[0][0, :2]), feats)
+
+
+def test_fid_inception_refuses_wrong_sha256_and_missing_file(tmp_path, fid_inception_weights):
+    from osv.eval.features import InceptionFrameFeatures, inception_weights_path
+
+    weights, sha = fid_inception_weights
+    path = place_inception(tmp_path / "base", weights)
+    with pytest.raises(WeightsError) as err:
+        InceptionFrameFeatures(path, "0" * 64)
+    msg = str(err.value)
+    assert str(path) in msg and "0" * 64 in msg and sha in msg and "weights.inception.sha256" in msg
+    missing = inception_weights_path(tmp_path / "nowhere")
+    with pytest.raises(WeightsError, match="not found; they are not downloaded") as err:
+        InceptionFrameFeatures(missing, sha)
+    assert str(missing) in str(err.value) and "osv weights" in str(err.value)
+    (tmp_path / "junk.pth").write_bytes(b"<html>not weights</html>")
+    with pytest.raises(WeightsError, match="not a readable torch state dict"):
+        InceptionFrameFeatures(tmp_path / "junk.pth")
+
+
+def test_osv_fvd_with_fid_inception_records_its_hash(tmp_path, real_halves, fid_inception_weights, monkeypatch):
+    """`osv fvd` at eval.fid_backbone inception reads models/base/inception/ (as `osv weights` fills it),
+    downloads nothing and puts the weights' SHA-256 in the provenance of its metric file."""
+    import yaml
+
+    from osv.cli import main
+
+    weights, sha = fid_inception_weights
+    monkeypatch.delenv("OSV_LAUNCHER", raising=False)
+    no_downloads(monkeypatch)
+    params = fvd_workspace(tmp_path, real_halves, 2, {"nfe": 1, "sec_per_video": 0.1})
+    params["eval"]["fid_backbone"] = "inception"
+    params["weights"]["inception"]["sha256"] = sha
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    place_inception(tmp_path / "models" / "base", weights)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "metrics" / "osv_1.json"
+    assert main(["fvd", "--params", "params.yaml", "--method", "osv_1", "--samples", "samples", "--clips", "clips",
+                 "--base", "models/base", "--out", str(out), "--cache-dir", "", "--device", "cpu"]) == 0
+    saved = read_metrics(out)
+    assert np.isfinite(saved["fid"]) and saved["fid"] >= 0
+    assert saved["protocol"]["fid_backbone"] == f"pytorch-fid InceptionV3 pool3 sha256:{sha}"
+    assert sha in provenance_path(out).read_text()

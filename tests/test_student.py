@@ -10,6 +10,7 @@ from diffusers import UNetSpatioTemporalConditionModel
 from osv.models import build_small_unet
 from osv.params import load_params
 from osv.student import (
+    enable_gradient_checkpointing,
     load_trainable_state_dict,
     make_student,
     merge_student,
@@ -118,3 +119,92 @@ def test_merge_save_reload_reproduces_student(tmp_path):
     torch.testing.assert_close(run(reloaded, x), expected, atol=1e-5, rtol=1e-4)
     # the student itself is untouched by merging
     torch.testing.assert_close(run(model, x), expected, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def grads_of(model, x, dtype=None):
+    """Loss, input gradient and parameter gradients of one forward + backward."""
+    model.zero_grad(set_to_none=True)
+    sample = x[0].clone().requires_grad_(True)
+    out = model(sample, *x[1:]).sample
+    loss = out.square().mean()
+    loss.backward()
+    return loss.detach(), sample.grad, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def stage2_student():
+    model = student()
+    unfreeze(model, PARAMS["student"]["unfreeze"])
+    perturb_lora(model)
+    return model.train()
+
+
+def test_checkpointing_covers_temporal_blocks_with_identical_gradients():
+    from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
+
+    model, x = stage2_student(), unet_inputs(seed=2, t=3, h=8, w=8)
+    keys = list(model.state_dict())
+    before = run(model, x)
+    plain = grads_of(model, x)
+    regions = enable_gradient_checkpointing(model)
+    transformers = [n for n, m in model.named_modules() if isinstance(m, TransformerSpatioTemporalModel)]
+    assert transformers and set(transformers) <= set(regions)
+    assert "mid_block.resnets.0" in regions and any("upsamplers" in n for n in regions)
+    assert list(model.state_dict()) == keys  # same parameters and names (peft LoRA layers inside)
+    ckpt = grads_of(model, x)
+    assert set(ckpt[2]) == set(plain[2]) and any("temporal_transformer_blocks" in n for n in ckpt[2])
+    torch.testing.assert_close(ckpt[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(ckpt[1], plain[1], rtol=1e-6, atol=1e-7)
+    for name, grad in plain[2].items():
+        torch.testing.assert_close(ckpt[2][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert torch.equal(run(model, x), before)  # inference through the swapped modules is the plain forward
+
+
+def test_checkpointing_keeps_less_for_backward_than_diffusers_alone():
+    from osv.memory import checkpoint_module, saved_tensor_bytes
+
+    x = unet_inputs(seed=2, t=4, h=8, w=8)
+
+    def saved(model):
+        return saved_tensor_bytes(lambda: model(*x).sample.square().mean(), exclude=[model]).bytes
+
+    model = stage2_student()
+    none = saved(model)
+    model.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_module)  # diffusers' coverage
+    partial = saved(model)
+    enable_gradient_checkpointing(model)
+    full = saved(model)
+    assert full < partial < none
+    assert full < 0.6 * partial, (none, partial, full)
+    model.disable_gradient_checkpointing()  # diffusers' switch turns every region off
+    assert saved(model) == none
+    with torch.no_grad():
+        assert saved(model) == 0
+
+
+def test_saved_tensor_bytes_counts_distinct_storages():
+    from osv.memory import checkpoint, saved_tensor_bytes
+
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+    nbytes = 32 * 64 * 4
+
+    def two_uses(x):
+        h = x @ w  # saves x for w's gradient (and w when x needs one)
+        return (h.exp() * h.exp()).sum()  # two exp outputs, saved by exp and again by the product
+
+    r = saved_tensor_bytes(lambda: two_uses(x), exclude=[w])
+    assert r.bytes == 3 * nbytes and r.result.requires_grad
+    x_grad = x.clone().requires_grad_(True)
+    assert saved_tensor_bytes(lambda: two_uses(x_grad), exclude=[w]).bytes == 3 * nbytes
+    assert saved_tensor_bytes(lambda: two_uses(x_grad)).bytes == 3 * nbytes + w.numel() * 4
+
+    def ckpt():
+        return checkpoint(lambda a: (a @ w).exp().exp().sum(), x)
+
+    r = saved_tensor_bytes(ckpt, exclude=[w], regions=True)
+    assert r.bytes == nbytes  # only the region's input is held
+    assert r.largest_region == 2 * nbytes  # what recomputing it saves: the two exp outputs (x is counted)
+    assert saved_tensor_bytes(ckpt, exclude=[w]).largest_region == 0

@@ -272,3 +272,28 @@ def test_latent_stats_sees_motion():
     moving = still + 0.5 * torch.randn(4, 6, 2, 8, 8, generator=gen)
     assert float(latent_stats(still)[2].max()) == 0.0
     assert float(latent_stats(moving)[2].min()) > 0.5
+
+
+def test_teacher_dtype_is_the_autocast_dtype_on_gpu_fp32_on_cpu():
+    from osv.train.distill import teacher_dtype
+
+    bf16 = tiny_params({"train": {"precision": "bf16"}})
+    assert teacher_dtype(bf16, torch.device("cpu")) is torch.float32  # CPU runs fp32 whatever precision says
+    assert teacher_dtype(bf16, torch.device("cuda")) is torch.bfloat16
+    assert teacher_dtype(tiny_params({"train": {"precision": "fp32"}}), torch.device("cuda")) is torch.float32
+
+
+def test_build_nets_checkpoints_student_and_vae_decoder(tmp_path):
+    from osv.memory import WholeCheckpoint
+    from osv.train.distill import build_nets
+
+    params = run_params(tiny_params({"train": {"grad_checkpointing": True, "precision": "bf16"}}), "abl_e_vae_disc")
+    ws = make_workspace(tmp_path, params)
+    spec = {**params["train"]["runs"]["abl_e_vae_disc"], "init": "teacher"}
+    nets = build_nets(params, "acd", spec, str(ws["teacher"]), str(ws["teacher"]), None, torch.device("cpu"))
+    regions = [n for n, m in nets.student.named_modules() if isinstance(m, WholeCheckpoint)]
+    assert any(n.endswith("attentions.0") for n in regions) and all(m.gradient_checkpointing for m in
+                                                                  nets.student.modules() if isinstance(m, WholeCheckpoint))
+    assert nets.disc.front_end == "vae" and any(isinstance(m, WholeCheckpoint) for m in nets.disc.vae.modules())
+    teacher = nets.teacher_fn.module
+    assert next(teacher.parameters()).dtype is torch.float32 and not any(p.requires_grad for p in teacher.parameters())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import sys
@@ -82,7 +83,9 @@ def served(tmp_path_factory):
     svd["unet/diffusion_pytorch_model.fp16.safetensors"] = b"fp16 variant we do not use"
     buf = io.BytesIO()
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 2)), buf)
-    return {"svd": svd, "dinov2": folder_files(tmp / "dinov2"), "i3d": buf.getvalue()}
+    inception = io.BytesIO()  # a small state dict in place of pytorch-fid's 95 MB one
+    torch.save({"fc.weight": torch.arange(6.0).reshape(3, 2), "fc.bias": torch.zeros(3)}, inception)
+    return {"svd": svd, "dinov2": folder_files(tmp / "dinov2"), "i3d": buf.getvalue(), "inception": inception.getvalue()}
 
 
 @pytest.fixture
@@ -92,14 +95,18 @@ def hub(served, hub_env, monkeypatch):
         server.svd = server.add_repo("model", "test/svd-small", served["svd"])
         server.dino = server.add_repo("model", "test/dinov2-small", served["dinov2"])
         server.i3d_url = server.add_url("i3d_torchscript.pt", served["i3d"])
+        server.inception_sha = hashlib.sha256(served["inception"]).hexdigest()
+        server.inception_url = server.add_url("pt_inception-2015-12-05-6726825d.pth", served["inception"])
         yield server
 
 
-def hub_params(hub, sha256: str | None) -> dict:
+def hub_params(hub, sha256: str | None, inception_sha256: str | None = "served") -> dict:
     params = base_params()
+    inception_sha256 = hub.inception_sha if inception_sha256 == "served" else inception_sha256
     params["weights"].update(source="hub", teacher={"repo_id": "test/svd-small", "revision": hub.svd.commit},
                              dinov2={"repo_id": "test/dinov2-small", "revision": hub.dino.commit},
-                             i3d={"url": hub.i3d_url, "sha256": sha256})
+                             i3d={"url": hub.i3d_url, "sha256": sha256},
+                             inception={"url": hub.inception_url, "sha256": inception_sha256})
     return validate(params)
 
 
@@ -123,6 +130,10 @@ def test_hub_source_downloads_pinned_verified_files(hub, served, tmp_path):
         assert rec["sha256"] == hashlib.sha256(served["svd"][rel]).hexdigest()
     assert set(info["parts"]["dinov2"]["files"]) == {"config.json", "model.safetensors", "preprocessor_config.json"}
     assert info["parts"]["i3d"] == {"url": hub.i3d_url, "sha256": i3d_sha, "sha256_checked": True}
+    assert info["parts"]["inception"] == {"url": hub.inception_url, "file": "inception/pt_inception.pth",
+                                          "sha256": hub.inception_sha, "sha256_checked": True,
+                                          "sha256_prefix_checked": None}
+    assert (out / "inception" / "pt_inception.pth").read_bytes() == served["inception"]
 
 
 def test_hub_source_refuses_wrong_i3d_hash_and_unpinned_revision(hub, served, tmp_path):
@@ -155,3 +166,80 @@ def test_paper_scale_validates():
     assert params["eval"]["methods"] == base_params()["eval"]["methods"]
     stage2 = load_params(ROOT / "workflow/scales/paper.yaml", run="stage2")
     assert stage2["resources"]["train"]["gpus"] == 2 and params["resources"]["train"]["gpus"] == 8
+
+
+def test_hub_source_refuses_wrong_inception_hash_before_writing(hub, tmp_path):
+    """A pinned FID Inception hash that the download does not have: a clear error, no models/base."""
+    from osv.hub import DownloadError, download_root
+
+    out = tmp_path / "base"
+    with pytest.raises(DownloadError) as err:
+        run_weights(hub_params(hub, None, "b" * 64), tmp_path, out)
+    msg = str(err.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in msg and "(pt_inception.pth): sha256 mismatch" in msg
+    assert f"expected {'b' * 64}, got {hub.inception_sha}; removed the download" in msg
+    assert not out.exists() and not list(tmp_path.glob(".base.*"))  # nothing in place, no temporary folder
+    left = [f.name for f in (download_root() / "urls").rglob("pt_inception.pth*") if f.suffix != ".lock"]
+    assert left == []  # the refused download is gone from the cache too
+    assert run_weights(hub_params(hub, None), tmp_path, out) == 0  # the right hash fetches it again
+
+
+def test_inception_hash_prefix_from_the_file_name(hub, served, tmp_path):
+    """weights.inception.sha256 null: torch hub's `-<hex>.pth` suffix must start the SHA-256."""
+    from osv.hub import DownloadError
+    from osv.weights import fetch_inception
+
+    sha = hub.inception_sha
+    good = hub.add_url(f"pt_inception-2015-12-05-{sha[:8]}.pth", served["inception"])
+    rec = fetch_inception({"url": good, "sha256": None}, tmp_path / "a")
+    assert rec["sha256"] == sha and rec["sha256_prefix_checked"] == sha[:8] and rec["sha256_checked"] is False
+    wrong = "0" * 8 if not sha.startswith("0" * 8) else "1" * 8
+    bad = hub.add_url(f"pt_inception-2015-12-05-{wrong}.pth", served["inception"])
+    with pytest.raises(DownloadError, match=f"expected a hash starting with {wrong} .*got {sha}"):
+        fetch_inception({"url": bad, "sha256": None}, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    plain = hub.add_url("inception_weights.pth", served["inception"])  # no hash in the name: recorded only
+    rec = fetch_inception({"url": plain, "sha256": None}, tmp_path / "c")
+    assert rec["sha256"] == sha and rec["sha256_prefix_checked"] is None
+
+
+def test_inception_file_not_a_state_dict_is_refused(hub, tmp_path):
+    from osv.weights import fetch_inception
+
+    url = hub.add_url("page.pth", b"<html>sign in</html>")
+    with pytest.raises(ValueError, match="is not a torch state dict"):
+        fetch_inception({"url": url, "sha256": None}, tmp_path / "x")
+
+
+def test_fvd_reads_the_inception_file_where_weights_writes_it(tmp_path):
+    import osv.eval.features as features
+    import osv.weights as weights
+
+    assert features.INCEPTION_FILE == weights.INCEPTION_FILE
+    assert features.inception_weights_path(tmp_path) == tmp_path / weights.INCEPTION_FILE
+
+
+def test_gated_repository_error_says_how_to_get_access(hub_env, monkeypatch):
+    """A 401 from the hub (SVD img2vid is gated) names the licence page and the token settings."""
+    import importlib
+
+    from huggingface_hub.errors import GatedRepoError, Response
+
+    http = importlib.import_module(Response.__module__.split(".")[0])  # huggingface_hub's HTTP client (httpx2)
+
+    from osv.hub import DownloadError, resolve_commit
+
+    def refuse(url, **kwargs):
+        response = http.Response(401, request=http.Request("HEAD", url))
+        raise GatedRepoError("Access to model stabilityai/stable-video-diffusion-img2vid is restricted.",
+                             response=response)
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_hf_file_metadata", refuse)
+    with pytest.raises(DownloadError) as err:
+        resolve_commit("stabilityai/stable-video-diffusion-img2vid", "model", "a" * 40, None, "model_index.json")
+    msg = str(err.value)
+    assert "refused access (HTTP 401)" in msg
+    assert "accept its licence on http://127.0.0.1:9/stabilityai/stable-video-diffusion-img2vid" in msg
+    assert "hf auth login" in msg and "HF_TOKEN" in msg

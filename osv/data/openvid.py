@@ -12,14 +12,25 @@ not re-encoded), data/clips/manifest.csv and data/clips/report.json. As in the e
 manifest, a row describes the clip to cut, which `osv.video.load_clip` does: data.frames
 frames at data.fps from start_sec 0 (resampled by time), resized/cropped to data.resolution;
 each file's own frame count, rate and size are in report.json ("native").
+
+Test split, by source video and stable when `parts` grows (see `select_clips`): the test clips
+all come from one zip part, data.openvid.test_part (which must be listed in parts). A clip's
+source video is its name without the clip-range suffix (`source_of`); the sources of the test
+part are ranked by sha256(f"{seed}:{source}") and their clips taken, source by source, until
+test_clips usable ones are in. Every other clip of those test sources, in any part, is held
+back (in neither split), so no source has clips on both sides; all other clips are training
+clips. The test set is thus a function of the seed, the test part's files, test_clips and the
+decode check (data.frames/data.fps) only: adding parts adds training clips (all of them with
+train_subset 0) and held-back siblings, and never moves a clip across the split.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import itertools
 import os
-import random
+import re
 import shutil
 import sys
 import zipfile
@@ -42,18 +53,22 @@ REPO_TYPE = "dataset"
 def prepare(params: dict, out: Path) -> None:
     """Build data/clips from the configured OpenVid-1M parts (see module docstring)."""
     cfg = params["data"]["openvid"]
+    if cfg["test_part"] not in cfg["parts"]:  # checked before any download
+        raise ValueError(f"data.openvid.test_part {cfg['test_part']} is not in data.openvid.parts "
+                         f"{list(cfg['parts'])}: the test clips come from that part, so list it in parts")
     repo, endpoint = cfg["repo_id"], cfg["endpoint"]
     commit = resolve_commit(repo, REPO_TYPE, cfg["revision"], endpoint, cfg["csv"])
     csv_path, csv_sha = fetch(repo, commit, endpoint, cfg["csv"])
     captions = read_captions(csv_path)
     videos, hashes = {}, {cfg["csv"]: csv_sha}
-    for n in cfg["parts"]:
+    # The test part first: a file name found in several parts then counts as the test part's.
+    for n in dict.fromkeys([cfg["test_part"], *cfg["parts"]]):
         folder, part_hashes = extract_part(repo, commit, endpoint, n)
         hashes.update(part_hashes)
         for mp4 in sorted(folder.iterdir()):
             videos.setdefault(mp4.name, (mp4, PART_ZIP.format(n=n)))
     min_seconds = params["data"]["frames"] / params["data"]["fps"]
-    chosen, rejected, checked = select_clips(videos, captions, cfg, params["seed"], min_seconds)
+    chosen, rejected, checked, split = select_clips(videos, captions, cfg, params["seed"], min_seconds)
     native = {r["video"]: {k: r.pop(k) for k in ("frames", "fps", "width", "height", "end_sec")} for r in chosen}
     d = params["data"]
     for r in chosen:
@@ -66,7 +81,9 @@ def prepare(params: dict, out: Path) -> None:
                      f"(data.frames {params['data']['frames']} at data.fps {params['data']['fps']})",
         "counts": {"videos_in_parts": len(videos), "not_in_csv": sum(v not in captions for v in videos),
                    "checked": checked, "rejected": len(rejected),
-                   **{split: sum(r["split"] == split for r in chosen) for split in ("train", "test")}},
+                   **{s: sum(r["split"] == s for r in chosen) for s in ("train", "test")},
+                   "test_sources": len(split["test_sources"]), "held_back": len(split["held_back"])},
+        "split": split,
         "rejected": rejected,
         "native": native,
     }
@@ -186,39 +203,115 @@ def _probe(args: tuple[str, float]) -> tuple[dict | None, str | None]:
         return None, str(exc)
 
 
-def select_clips(videos: dict, captions: dict, cfg: dict, seed: int, min_seconds: float):
-    """Seeded split: shuffle the captioned videos, check them in that order, fill test then train.
+# A clip-range suffix: one or more trailing `_<n>` / `_<a>to<b>` / `_<a>-<b>` groups (n, a, b numbers).
+_CLIP_SUFFIX = re.compile(r"(?:_\d+(?:\.\d+)?(?:(?:to|-)\d+(?:\.\d+)?)?)+$")
+SPLIT_RULE = ("test: the clips of data.openvid.test_part, source by source in order of "
+              "sha256('{seed}:{source}'), until test_clips usable ones; held back: the other clips of "
+              "those sources, in any part; train: the rest (the lowest sha256('{seed}:{video}') first "
+              "when train_subset > 0); source: the file name less '.mp4' and its trailing clip-range "
+              "suffix (osv.data.openvid.source_of)")
 
-    Returns (rows, rejected, number checked). Only as many videos are decoded as the split needs.
+
+def source_of(name: str) -> str:
+    """The source video of a clip: its file name less `.mp4` and less a trailing clip-range suffix.
+
+    OpenVid-1M names its clips after the video they were cut from plus the clip's place in it:
+    Panda-70M clips `<youtube id>_<clip index>_<first>to<last frame>` (`---_iRTHryQ_13_0to241.mp4`),
+    CelebV-HQ clips `celebv_<youtube id>_<index>`. The suffix stripped is the longest run of trailing
+    `_<n>`, `_<a>to<b>` or `_<a>-<b>` groups (numbers, decimals allowed), so
+    `---_iRTHryQ_13_0to241` -> `---_iRTHryQ`, `celebv___f2KtcXAxI_0` -> `celebv___f2KtcXAxI`,
+    `abc_10_20` -> `abc`. A name with no such suffix (or nothing before it) is its own source.
+    Stripping too much can only merge two sources (a coarser split, never a leak); YouTube ids
+    end in a number group only by chance, and then merge only with ids sharing the rest.
     """
-    names = sorted(v for v in videos if v in captions)
-    random.Random(seed).shuffle(names)
-    want = {"test": cfg["test_clips"], "train": cfg["train_subset"] or len(names)}
-    rows, rejected, checked = [], [], 0
+    stem = name[:-4] if name.lower().endswith(".mp4") else name
+    m = _CLIP_SUFFIX.search(stem)
+    return stem[:m.start()] if m and m.start() > 0 else stem
+
+
+def rank_key(seed: int, key: str) -> tuple[str, str]:
+    """The seeded sort key of a source (test order) or clip name (train order)."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), key
+
+
+def _probed(pool, names, videos: dict, min_seconds: float, cache: dict, batch: int):
+    """Yield (name, info, reason) for `names` in order, probing ahead in parallel batches (cached)."""
+    it = iter(names)
+    while chunk := list(itertools.islice(it, batch)):
+        todo = [n for n in chunk if n not in cache]
+        cache.update(zip(todo, pool.map(_probe, [(str(videos[n][0]), min_seconds) for n in todo])))
+        for n in chunk:
+            yield n, *cache[n]
+
+
+def select_clips(videos: dict, captions: dict, cfg: dict, seed: int, min_seconds: float):
+    """Split the captioned videos by source video; returns (rows, rejected, number checked, split).
+
+    Test: the captioned clips of part cfg["test_part"], grouped by `source_of`, sources in order of
+    sha256(f"{seed}:{source}"), each source's clips by name; they are checked (`probe_video`) in that
+    order and taken until cfg["test_clips"] usable ones are in. A rejected clip is dropped (listed
+    in `rejected`, never moved to train) and the fill goes on with the next clip, so a corrupt file
+    adds the next clip in the order instead; whether a file decodes is fixed by its bytes, so the
+    test set still depends only on (seed, test part, test_clips, data.frames/data.fps), never on the
+    other parts. The test sources are those with a test clip; their remaining clips, in every part
+    (the last source may be cut short to hit test_clips exactly), are held back: in no split.
+    Train: every other captioned clip (the test part's later sources included), checked in order of
+    sha256(f"{seed}:{name}"); cfg["train_subset"] > 0 keeps the first that many usable ones.
+    Growing `parts` therefore keeps the test set and every training clip (with train_subset 0) and
+    only adds training clips and held-back siblings. Only the clips the split needs are decoded.
+    Raises ValueError when the test part cannot fill test_clips or no training clip is left.
+    """
+    test_zip = PART_ZIP.format(n=cfg["test_part"])
+    captioned = [v for v in videos if v in captions]
+    by_source: dict[str, list[str]] = {}
+    for name in sorted(v for v in captioned if videos[v][1] == test_zip):
+        by_source.setdefault(source_of(name), []).append(name)
+    test_order = [n for src in sorted(by_source, key=lambda s: rank_key(seed, s)) for n in by_source[src]]
+    rows, rejected, consumed, cache = [], [], set(), {}
     workers = max(1, min(8, os.cpu_count() or 1))
-    bar = tqdm(total=min(len(names), want["test"] + want["train"]), desc="check videos", unit="video")
+
+    def take(name, info, reason, split):
+        consumed.add(name)
+        if info is None:
+            rejected.append({"video": name, "source": videos[name][1], "reason": reason, "checked_for": split})
+            return False
+        rows.append({"video": f"{split}/{name}", "caption": captions[name], "split": split,
+                     "source": f"openvid:{videos[name][1]}", "start_sec": 0.0, **info})
+        return True
+
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        it = iter(names)
-        while len(rows) < want["test"] + want["train"] and (batch := list(itertools.islice(it, workers * 8))):
-            for name, (info, reason) in zip(batch, pool.map(_probe, [(str(videos[n][0]), min_seconds) for n in batch])):
-                checked += 1
-                if info is None:
-                    rejected.append({"video": name, "source": videos[name][1], "reason": reason})
-                    continue
-                n_test = sum(r["split"] == "test" for r in rows)
-                split = "test" if n_test < want["test"] else "train"
-                if split == "train" and len(rows) - n_test >= want["train"]:
+        n_test = 0
+        with tqdm(total=cfg["test_clips"], desc="check test videos", unit="video") as bar:
+            for name, info, reason in _probed(pool, test_order, videos, min_seconds, cache, workers * 2):
+                if take(name, info, reason, "test"):
+                    n_test += 1
+                    bar.update(1)
+                if n_test == cfg["test_clips"]:
                     break
-                rows.append({"video": f"{split}/{name}", "caption": captions[name], "split": split,
-                             "source": f"openvid:{videos[name][1]}", "start_sec": 0.0, **info})
-                bar.update(1)
-    bar.close()
-    n_test = sum(r["split"] == "test" for r in rows)
-    if n_test < want["test"] or n_test == len(rows):
-        raise ValueError(f"data.openvid: {len(rows)} usable videos in parts {cfg['parts']} "
-                         f"({len(rejected)} rejected), but data.openvid.test_clips={cfg['test_clips']} "
-                         "needs that many plus at least one training clip: add parts")
-    return sorted(rows, key=lambda r: (r["split"], r["video"])), rejected, checked
+        if n_test < cfg["test_clips"]:
+            raise ValueError(f"data.openvid: test part {cfg['test_part']} ({test_zip}) has {n_test} usable "
+                             f"captioned clips ({len(rejected)} rejected), fewer than data.openvid.test_clips="
+                             f"{cfg['test_clips']}: lower test_clips or choose another test_part")
+        test_sources = {source_of(Path(r["video"]).name) for r in rows}
+        held_back = sorted(v for v in captioned if v not in consumed and source_of(v) in test_sources)
+        train_order = sorted((v for v in captioned if v not in consumed and source_of(v) not in test_sources),
+                             key=lambda v: rank_key(seed, v))
+        want = cfg["train_subset"] or len(train_order)
+        n_train = 0
+        with tqdm(total=min(want, len(train_order)), desc="check train videos", unit="video") as bar:
+            for name, info, reason in _probed(pool, train_order, videos, min_seconds, cache, workers * 8):
+                if take(name, info, reason, "train"):
+                    n_train += 1
+                    bar.update(1)
+                if n_train == want:
+                    break
+    if n_train == 0:
+        raise ValueError(f"data.openvid: no usable training clip in parts {list(cfg['parts'])} besides the "
+                         f"{cfg['test_clips']} test clips and the {len(held_back)} clips held back with their "
+                         f"sources ({len(rejected)} rejected): add parts")
+    split = {"rule": SPLIT_RULE, "test_part": cfg["test_part"], "test_sources": sorted(test_sources),
+             "held_back": held_back}
+    return sorted(rows, key=lambda r: (r["split"], r["video"])), rejected, len(consumed), split
 
 
 def write_clips(out: Path, rows: list[dict], videos: dict, report: dict) -> None:

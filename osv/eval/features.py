@@ -24,8 +24,13 @@ Video backbones (`eval.fvd_backbone`):
   changes 2 and 3, blur and noise change 1-3.
 
 Frame backbones (`eval.fid_backbone`), applied to all frames of all clips:
-- `inception`: pytorch-fid's InceptionV3 pool3 (2048-d), only if its weights
-  file is already in the torch hub cache (offline runs never download it).
+- `inception`: pytorch-fid's InceptionV3 pool3 (2048-d; the FID Inception of
+  TTUR/pytorch-fid/clean-fid/torchmetrics), built from pytorch-fid's classes with
+  the weights `osv weights` fetched at paper scale into
+  <base>/inception/pt_inception.pth (weights.inception), after their SHA-256 is
+  checked against weights.inception.sha256. Nothing is downloaded here: pytorch-fid's
+  own download (to the torch hub cache) is bypassed. The hash is in the extractor's
+  name, hence in every fvd provenance file and feature-cache key.
 - `standin` ("stand-in: rand2d-v1, seed 0"): frames resized to 64x64, a frozen
   random Conv2d net (5x5 s2 -> 3x3 s2 -> 3x3 s2, ReLU, 32/64/128 channels, half
   the first-layer filters zero-mean; generator seed 0 + 1), mean and std pooled
@@ -41,6 +46,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -202,25 +208,56 @@ class StandinFrameFeatures:
         return torch.cat([_mean_std_pool(x), sharpness], dim=1).double().cpu().numpy()
 
 
-def inception_weights_path() -> Path:
-    from pytorch_fid.inception import FID_WEIGHTS_URL
+# Where `osv weights` puts weights.inception below models/base (osv.weights.INCEPTION_FILE).
+INCEPTION_FILE = "inception/pt_inception.pth"
+DEFAULT_BASE = "models/base"
 
-    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[-1]
+
+def inception_weights_path(base: str | Path = DEFAULT_BASE) -> Path:
+    return Path(base) / INCEPTION_FILE
+
+
+def load_fid_inception(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """pytorch-fid's InceptionV3 (pool3 block, its own resize and [-1, 1] scaling) with the weights in `path`.
+
+    pytorch-fid builds the network and then calls its module-level `load_state_dict_from_url`
+    (which would download to the torch hub cache); for the length of the build that call is
+    answered with the state dict read from `path`, so the model class stays pytorch-fid's own.
+    """
+    import pytorch_fid.inception as pfi
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeightsError(f"{path}: not a readable torch state dict ({exc})") from exc
+
+    def from_file(url, *args, **kwargs):
+        return state
+
+    try:
+        with mock.patch.object(pfi, "load_state_dict_from_url", from_file):
+            model = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    except (RuntimeError, TypeError, AttributeError) as exc:  # load_state_dict: missing keys, wrong shapes
+        raise WeightsError(f"{path}: not pytorch-fid's FID Inception weights ({exc})") from exc
+    return model.eval().to(device)
 
 
 class InceptionFrameFeatures:
-    """pytorch-fid's InceptionV3 pool3 features (2048-d); refuses to download its weights."""
+    """pytorch-fid's InceptionV3 pool3 features (2048-d) from weights `osv weights` fetched; never downloads."""
 
-    def __init__(self, device: str = "cpu"):
-        from pytorch_fid.inception import InceptionV3
-
-        path = inception_weights_path()
+    def __init__(self, path: str | Path | None = None, expected_sha256: str | None = None, device: str = "cpu"):
+        path = Path(path) if path is not None else inception_weights_path()
         if not path.exists():
-            raise WeightsError(f"{path}: pytorch-fid Inception weights not found; they are not downloaded "
-                               f"at run time (place the file there, or set eval.fid_backbone: standin)")
-        self.model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval().to(device)
+            raise WeightsError(f"{path}: FID Inception weights not found; they are not downloaded at run time "
+                               f"(run `osv weights` with weights.source: hub, which fetches weights.inception, "
+                               f"or set eval.fid_backbone: standin)")
+        self.sha256 = sha256_file(path)
+        if expected_sha256 is not None and self.sha256 != expected_sha256:
+            raise WeightsError(f"{path}: SHA-256 mismatch for the FID Inception weights: expected {expected_sha256} "
+                               f"(weights.inception.sha256), actual {self.sha256}")
+        self.model = load_fid_inception(path, device)
         self.device, self.dim = device, 2048
-        self.name = f"pytorch-fid InceptionV3 pool3 sha256:{sha256_file(path)}"
+        self.name = f"pytorch-fid InceptionV3 pool3 sha256:{self.sha256}"
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> np.ndarray:
@@ -234,9 +271,9 @@ def video_extractor(params: dict, base: str | Path, device: str = "cpu"):
     return StandinVideoFeatures(device=device)
 
 
-def frame_extractor(params: dict, device: str = "cpu"):
+def frame_extractor(params: dict, device: str = "cpu", base: str | Path = DEFAULT_BASE):
     if params["eval"]["fid_backbone"] == "inception":
-        return InceptionFrameFeatures(device)
+        return InceptionFrameFeatures(inception_weights_path(base), params["weights"]["inception"]["sha256"], device)
     return StandinFrameFeatures(device=device)
 
 

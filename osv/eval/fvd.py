@@ -147,7 +147,7 @@ def evaluate_method(params: dict, method: str, samples: str, clips: str, base: s
     shape = (t, h, w, 3)
     meta = read_meta(samples)
     real_paths, gen_paths = real_clip_paths(clips, ev["num_clips"]), sample_paths(samples)
-    video_ext, frame_ext = video_extractor(params, base, device), frame_extractor(params, device)
+    video_ext, frame_ext = video_extractor(params, base, device), frame_extractor(params, device, base)
     extractors = {"video": video_ext, "frame": frame_ext}
     load_real = lambda p: _checked(load_clip(p, t, data["fps"], w, h), p, shape)  # noqa: E731
     load_gen = lambda p: _checked(read_frames(p)[0], p, shape)  # noqa: E731

@@ -84,7 +84,8 @@ def claims_table(metrics: dict, level: float) -> str:
     """The report's Claims table (markdown) from the claims metrics (numbers and provenance merged)."""
     lines = [f"| claim | paper | ours: distance(worse) − distance(better), {level:.0%} interval | verdict |",
              "|---|---|---|---|"]
-    for c in metrics["claims"].values():
+    for cid, *_ in CLAIMS:  # the paper's order (the metrics file sorts its keys)
+        c = metrics["claims"][cid]
         lines.append(f"| {c['claim']} ({c['where']}) | {c['better']} better than {c['worse']} | "
                      f"{c['difference']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] | {c['verdict']} |")
     return "\n".join(lines)
@@ -92,6 +93,7 @@ def claims_table(metrics: dict, level: float) -> str:
 
 def arms_table(metrics: dict, level: float) -> str:
     lines = [f"| arm | energy distance to the guided teacher (mean, {level:.0%} interval over seeds) |", "|---|---|"]
-    for name, a in metrics["arms"].items():
+    for name in ARMS:
+        a = metrics["arms"][name]
         lines.append(f"| {name} | {a['mean']:.4f} [{a['low']:.4f}, {a['high']:.4f}] |")
     return "\n".join(lines)

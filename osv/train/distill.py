@@ -58,7 +58,7 @@ def build_nets(params: dict, stage: str, spec: dict, teacher, init, dinov2, devi
     """Student (fresh LoRA or the init run's), EMA, frozen teacher (ACD) and discriminator."""
     from osv.models import load_unet
     from osv.sde import Denoiser
-    from osv.student import load_trainable_state_dict, make_student, unfreeze
+    from osv.student import enable_gradient_checkpointing, load_trainable_state_dict, make_student, unfreeze
     from osv.train.export import load_export
 
     cfg, st, sigma_min = params[stage], params["student"], params["sde"]["sigma_min"]
@@ -66,7 +66,7 @@ def build_nets(params: dict, stage: str, spec: dict, teacher, init, dinov2, devi
     if stage == "acd":
         unfreeze(student, st["unfreeze"])
     if params["train"]["grad_checkpointing"]:
-        student.enable_gradient_checkpointing()
+        enable_gradient_checkpointing(student)  # diffusers' + the temporal blocks it skips
     exported = load_export(init) if spec["init"] != "teacher" else None
     if exported is not None:
         load_trainable_state_dict(student, exported["student"], strict=False)  # stage 1 has no unfrozen layers
@@ -80,12 +80,22 @@ def build_nets(params: dict, stage: str, spec: dict, teacher, init, dinov2, devi
     network = torch.compile(student) if params["train"]["compile"] else student
     nets = Nets(student, Denoiser(network, boundary=st["boundary"], sigma_min=sigma_min), trainable, ema)
     if stage == "acd":  # the teacher is a diffusion model, not a consistency function: SVD's approximate form
-        teacher_unet = load_unet(teacher).to(device).eval().requires_grad_(False)
+        teacher_unet = load_unet(teacher).to(device=device, dtype=teacher_dtype(params, device))
+        teacher_unet.eval().requires_grad_(False)
         nets.teacher_fn = Denoiser(teacher_unet, sigma_min=sigma_min)
     if cfg["lambda_adv"] > 0:
         nets.disc = build_discriminator(params, teacher, dinov2, device,
                                         exported["disc"] if exported is not None else None)
     return nets
+
+
+def teacher_dtype(params: dict, device) -> torch.dtype:
+    """The frozen teacher's weights: on CUDA the autocast dtype of train.precision (it only runs
+    under autocast, which casts its matmul/conv weights to that dtype anyway; half the memory of
+    a second fp32 UNet), else fp32 (CPU runs fp32)."""
+    from osv.train.loop import Precision
+
+    return Precision(params["train"]["precision"], torch.device(device)).dtype or torch.float32
 
 
 def build_discriminator(params: dict, teacher, dinov2, device, state: dict | None):
@@ -100,6 +110,8 @@ def build_discriminator(params: dict, teacher, dinov2, device, state: dict | Non
     disc = Discriminator.from_params(params, folder, vae)
     if state:  # an init run trained with λ_adv = 0 exports an empty disc state: keep the fresh one
         disc.load_trainable_state_dict(state)
+    if params["train"]["grad_checkpointing"]:
+        disc.enable_gradient_checkpointing()  # the VAE decoder of the vae front end (ablation e)
     return disc.to(device).train()
 
 
