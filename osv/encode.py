@@ -9,8 +9,13 @@ unscaled). Video `latents` are the VAE latent mode times scaling_factor.
 Resumable: every shard is renamed into place when complete and carries a
 fingerprint of what it was computed from; a rerun skips shards whose fingerprint
 matches, unless the last complete index.json recorded a different content hash (SHA-256)
-for it. index.json (with every shard's hash, checked when the shard is read) and stats.json
-are written last.
+for it. index.json (with every shard's hash, checked when the shard is read) is written last.
+
+Fan-out (paper scale: ~65K clips): the work is cut into units of encode.shard_size clips of one
+split, each one shard file per resolution of its split, encoded from one decode per clip (the
+train split at both resolutions). Job `part` of resources.encode.jobs takes a contiguous range of
+units and writes a receipt (data/latents.parts/part-K-of-N.json: its shard entries and hashes);
+the gather writes index.json from the receipts. Which job encodes a shard changes nothing in it.
 """
 
 from __future__ import annotations
@@ -54,10 +59,9 @@ def clip_seed(seed: int, clip_id: str) -> int:
 
 def autocast(device: str):
     """bf16 (or fp16) autocast on CUDA only; CPU stays fp32 so results are exact and repeatable."""
-    if device != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+    from osv.precision import cuda_autocast
+
+    return cuda_autocast(device)[0]
 
 
 def vae_mode(vae, x: torch.Tensor) -> torch.Tensor:
@@ -103,13 +107,14 @@ def encode_batch(models: dict, frames: torch.Tensor, clip_ids: list[str], params
     }
 
 
-def load_frames(clips: Path, rows: list[dict], params: dict, width: int, height: int) -> torch.Tensor:
-    """uint8 [B, T, 3, H, W] through the shared clip loader."""
-    from osv.video import load_clip
+def load_frames(clips: Path, rows: list[dict], params: dict, sizes: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """uint8 [B, T, 3, H, W] per (width, height) of `sizes`, each clip decoded once."""
+    from osv.video import load_clip_sizes
 
     d = params["data"]
-    arr = np.stack([load_clip(clips / r["video"], d["frames"], d["fps"], width, height) for r in rows])
-    return torch.from_numpy(arr).permute(0, 1, 4, 2, 3).contiguous()
+    per_clip = [load_clip_sizes(clips / r["video"], d["frames"], d["fps"], sizes) for r in rows]
+    return [torch.from_numpy(np.stack([c[j] for c in per_clip])).permute(0, 1, 4, 2, 3).contiguous()
+            for j in range(len(sizes))]
 
 
 def fingerprint(params: dict, models_id: str, width: int, height: int, clip_ids: list[str]) -> str:
@@ -146,21 +151,25 @@ def reusable(path: Path, fp: str, old: dict | None) -> str | None:
     return digest
 
 
-def encode_shard(models, clips: Path, rows, ids, params, width, height, device, path: Path, fp: str,
-                 first: int = 0) -> str:
-    """Write the shard (its clips start at `first` in the group); return its SHA-256."""
+def encode_rows(models, clips: Path, rows, ids, params, sizes, device, first: int, where: str) -> list[dict]:
+    """The stored tensors of `rows` at every (width, height) of `sizes`; `first`: the rows' start in
+    their split (batch indices count from there)."""
+    bs = params["encode"]["batch_size"]
+    parts = [[] for _ in sizes]
+    for i in range(0, len(rows), bs):
+        batch = (first + i) // bs  # batch index within the split
+        for j, frames in enumerate(load_frames(clips, rows[i:i + bs], params, sizes)):
+            parts[j].append(encode_batch(models, frames, ids[i:i + bs], params, device))
+            require_finite("encode", {"latents": parts[j][-1]["latents"] * injected("encode", batch),
+                                      "cond_latents": parts[j][-1]["cond_latents"]}, step=batch,
+                           hint=f"clips {ids[i:i + bs]}; {where} not written")
+    return [{k: torch.cat([p[k] for p in per_size]) for k in per_size[0]} for per_size in parts]
+
+
+def save_shard(path: Path, tensors: dict, fp: str, ids: list[str]) -> str:
+    """Write the shard atomically; return its SHA-256."""
     from safetensors.torch import save_file
 
-    bs = params["encode"]["batch_size"]
-    parts = []
-    for i in range(0, len(rows), bs):
-        frames = load_frames(clips, rows[i:i + bs], params, width, height)
-        parts.append(encode_batch(models, frames, ids[i:i + bs], params, device))
-        batch = (first + i) // bs  # batch index within the split/resolution group
-        require_finite("encode", {"latents": parts[-1]["latents"] * injected("encode", batch),
-                                  "cond_latents": parts[-1]["cond_latents"]}, step=batch,
-                       hint=f"clips {ids[i:i + bs]}; {path} not written")
-    tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     with atomic_path(path, suffix=".safetensors") as tmp:
         # One metadata key: safetensors orders several keys differently from run to run.
         meta = json.dumps({"fingerprint": fp, "clip_ids": ids}, sort_keys=True)
@@ -168,34 +177,62 @@ def encode_shard(models, clips: Path, rows, ids, params, width, height, device, 
         return sha256_file(tmp)
 
 
-def encode_group(models, clips: Path, out: Path, params: dict, split: str, width: int, height: int,
-                 device: str, counts: dict, previous: dict | None = None) -> dict:
-    """All shards of one split/resolution; returns its index entry. `previous`: this group's
-    entry in the last complete index.json, if any."""
-    from osv.data import clip_id, read_manifest
+# ----------------------------------------------------------------- the work units and their jobs
 
-    rows = read_manifest(clips / "manifest.csv", split)
-    if not rows:
-        raise ValueError(f"{clips}/manifest.csv: no '{split}' clips to encode")
+def units(params: dict, clips: Path) -> list[tuple[str, int, list[dict]]]:
+    """(split, shard index, manifest rows): encode.shard_size clips of one split each. A unit is
+    one shard file per resolution of its split (train: both), encoded from one decode per clip."""
+    from osv.data import read_manifest
+
     size = params["encode"]["shard_size"]
-    folder = out / group_name(split, width, height)
-    old = {s["file"]: s for s in (previous or {}).get("shards", [])}
-    shards = []
-    for k in tqdm(range(0, len(rows), size), desc=f"encode {group_name(split, width, height)}", unit="shard"):
-        chunk = rows[k:k + size]
-        ids = [clip_id(r) for r in chunk]
-        path = folder / f"shard-{k // size:05d}.safetensors"
-        fp = fingerprint(params, models["id"], width, height, ids)
-        digest = reusable(path, fp, old.get(path.name))
-        if digest:
-            counts["skipped"] += 1
-        else:
-            digest = encode_shard(models, clips, chunk, ids, params, width, height, device, path, fp, k)
-            counts["encoded"] += 1
-        shards.append({"file": path.name, "clip_ids": ids, "count": len(ids), "fingerprint": fp,
-                       "sha256": digest})
-    return {"split": split, "width": width, "height": height, "folder": group_name(split, width, height),
-            "count": len(rows), "shards": shards}
+    out = []
+    for split in dict.fromkeys(s for s, _, _ in groups(params)):
+        rows = read_manifest(clips / "manifest.csv", split)
+        if not rows:
+            raise ValueError(f"{clips}/manifest.csv: no '{split}' clips to encode")
+        out += [(split, k // size, rows[k:k + size]) for k in range(0, len(rows), size)]
+    return out
+
+
+def part_range(count: int, part: int, jobs: int) -> range:
+    """Job `part` of `jobs` takes a contiguous range of the `count` units (sizes differ by <= 1)."""
+    return range(part * count // jobs, (part + 1) * count // jobs)
+
+
+def receipt_path(out: Path, part: int, jobs: int) -> Path:
+    """data/latents.parts/part-K-of-N.json: beside the folder, not in it (a receipt holds the job's
+    timing, and DVC hashes data/latents as the input of every later stage)."""
+    out = Path(out)
+    return out.with_name(f"{out.name}.parts") / f"part-{part:03d}-of-{jobs:03d}.json"
+
+
+def encode_unit(models, clips: Path, out: Path, params: dict, split: str, k: int, rows: list[dict],
+                device: str, previous: dict, counts: dict) -> dict:
+    """Shard k of `split` at each of its resolutions (intact shards reused); {group: shard entry}."""
+    from osv.data import clip_id
+
+    ids = [clip_id(r) for r in rows]
+    entries, todo = {}, []
+    for s, w, h in groups(params):
+        if s != split:
+            continue
+        name = group_name(s, w, h)
+        path = out / name / f"shard-{k:05d}.safetensors"
+        fp = fingerprint(params, models["id"], w, h, ids)
+        old = {e["file"]: e for e in previous.get(name, {}).get("shards", [])}.get(path.name)
+        entries[name] = {"file": path.name, "clip_ids": ids, "count": len(ids), "fingerprint": fp,
+                         "sha256": reusable(path, fp, old)}
+        if entries[name]["sha256"] is None:
+            todo.append((name, w, h, path, fp))
+    counts["skipped"] += len(entries) - len(todo)
+    if todo:
+        where = ", ".join(str(t[3]) for t in todo)
+        tensors = encode_rows(models, clips, rows, ids, params, [(w, h) for _, w, h, _, _ in todo], device,
+                              k * params["encode"]["shard_size"], where)
+        for (name, _, _, path, fp), t in zip(todo, tensors):
+            entries[name]["sha256"] = save_shard(path, t, fp, ids)
+        counts["encoded"] += len(todo)
+    return entries
 
 
 def load_models(base: Path, vae: Path, device: str) -> dict:
@@ -213,26 +250,16 @@ def load_models(base: Path, vae: Path, device: str) -> dict:
             "id": digest.hexdigest()}
 
 
-@torch.no_grad()
-def group_stats(folder: Path, entry: dict) -> dict:
-    """Mean/std of the stored (scaled) latents of one group, overall and per channel."""
-    from osv.latents import load_shard
-
-    lat = torch.cat([load_shard(folder / s["file"], s["sha256"])["latents"] for s in entry["shards"]]).double()
-    per_channel = lat.transpose(0, 2).flatten(1)
-    return {"mean": float(lat.mean()), "std": float(lat.std()), "channel_mean": per_channel.mean(1).tolist(),
-            "channel_std": per_channel.std(1).tolist(), "count": entry["count"]}
-
-
 INDEX, PREVIOUS_INDEX = "index.json", ".index.previous.json"
 
 
 def set_index_aside(out: Path) -> dict:
-    """The last complete run's shard entries (their hashes decide which shards are reused), with
-    its index moved aside: while shards are rewritten the folder must not look complete. The
-    shards themselves stay (a failed or killed encode keeps every shard it wrote)."""
+    """The last complete run's groups (their shard hashes decide which shards are reused), with its
+    index moved aside: while shards are rewritten the folder must not look complete. The shards
+    themselves stay (a failed or killed encode keeps every shard it wrote). Every part job calls
+    this; whichever comes first moves the index, the others read the moved copy."""
     out.mkdir(parents=True, exist_ok=True)
-    if (out / INDEX).exists():
+    with contextlib.suppress(FileNotFoundError):
         os.replace(out / INDEX, out / PREVIOUS_INDEX)
     try:
         return json.loads((out / PREVIOUS_INDEX).read_text())["groups"]
@@ -240,44 +267,110 @@ def set_index_aside(out: Path) -> dict:
         return {}
 
 
-def encode_all(params: dict, clips: str, base: str, vae: str, out: str) -> dict:
-    """The stage's work function (module level, so submitit can pickle it)."""
-    clips, base, vae, out = Path(clips), Path(base), Path(vae), Path(out)
+def encode_part(params: dict, clips: str, base: str, vae: str, root: str, part: int, jobs: int) -> dict:
+    """Job `part` of `jobs`: its range of units, then its receipt (the shard entries it vouches for,
+    the models' sizes and its timing). Module level, so submitit can pickle it."""
+    from osv import timing
+
+    clips, base, vae, out = Path(clips), Path(base), Path(vae), Path(root)
+    plan = units(params, clips)
+    mine = [plan[i] for i in part_range(len(plan), part, jobs)]
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    previous = set_index_aside(out)
+    receipt_path(out, part, jobs).unlink(missing_ok=True)
     models = load_models(base, vae, device)
     counts = {"encoded": 0, "skipped": 0}
-    previous = set_index_aside(out)
-    entries = {group_name(s, w, h): encode_group(models, clips, out, params, s, w, h, device, counts,
-                                                 previous.get(group_name(s, w, h)))
-               for s, w, h in groups(params)}
+    shards = [{"split": split, "shard": k, "entries": encode_unit(models, clips, out, params, split, k, rows,
+                                                                  device, previous, counts)}
+              for split, k, rows in tqdm(mine, desc=f"encode part {part + 1}/{jobs}", unit="shard")]
+    receipt = {"part": part, "jobs": jobs, "units": len(plan), "device": device, **counts, "shards": shards,
+               "scaling_factor": float(models["vae"].config.scaling_factor),
+               "latent_channels": int(models["vae"].config.latent_channels),
+               "image_embed_dim": int(models["image_encoder"].config.projection_dim),
+               "timing": timing.measure()}
+    write_json(receipt_path(out, part, jobs), receipt)
+    return {k: receipt[k] for k in ("part", "jobs", "device", "encoded", "skipped")}
+
+
+# what a finished job leaves (osv.launch reuses a completed job only while it exists)
+encode_part.outputs = lambda root, part, jobs, **_: [receipt_path(root, part, jobs)]
+
+
+def gather(params: dict, clips: str, out: str, jobs: int) -> dict:
+    """index.json from the receipts of all `jobs` parts (together they must hold every unit), written
+    last: its presence means the folder is complete. Its timing record sums the parts'."""
+    from osv import timing
+
+    clips, out = Path(clips), Path(out)
+    receipts = []
+    for part in range(jobs):
+        path = receipt_path(out, part, jobs)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: encode part {part} of {jobs} has not finished "
+                                    f"(run `osv encode --part {part}`, or `osv encode` for all parts)")
+        receipts.append(json.loads(path.read_text()))
+    done = {(s["split"], s["shard"]): s["entries"] for r in receipts for s in r["shards"]}
+    plan = units(params, clips)
+    missing = [f"{split} shard {k}" for split, k, _ in plan if (split, k) not in done]
+    if missing or len(done) != len(plan):
+        raise ValueError(f"{receipt_path(out, 0, jobs).parent}: the receipts of {jobs} jobs do not cover the {len(plan)} units of "
+                         f"{clips}/manifest.csv (missing: {', '.join(missing[:5]) or 'none'}): rerun the parts")
+    entries = {}
+    for split, w, h in groups(params):
+        name = group_name(split, w, h)
+        shards = [done[(s, k)][name] for s, k, _ in plan if s == split]
+        entries[name] = {"split": split, "width": w, "height": h, "folder": name,
+                         "count": sum(e["count"] for e in shards), "shards": shards}
+    first = receipts[0]
     index = {"frames": params["data"]["frames"], "fps": params["data"]["fps"],
-             "scaling_factor": float(models["vae"].config.scaling_factor),
+             "scaling_factor": first["scaling_factor"],
              "noise_aug_strength": params["conditioning"]["noise_aug_strength"],
-             "latent_channels": int(models["vae"].config.latent_channels),
-             "image_embed_dim": int(models["image_encoder"].config.projection_dim),
+             "latent_channels": first["latent_channels"], "image_embed_dim": first["image_embed_dim"],
              "groups": entries}
-    write_json(out / "stats.json", {name: group_stats(out / name, e) for name, e in entries.items()})
     write_json(out / INDEX, index)  # last: its presence means the folder is complete
     (out / PREVIOUS_INDEX).unlink(missing_ok=True)
-    return {"device": device, **counts, "groups": {k: e["count"] for k, e in entries.items()}}
+    timing.record_parts("encode", out, [r["timing"] for r in receipts])
+    return {"device": first["device"], "encoded": sum(r["encoded"] for r in receipts),
+            "skipped": sum(r["skipped"] for r in receipts), "jobs": jobs,
+            "groups": {k: e["count"] for k, e in entries.items()}}
+
+
+def encode_all(params: dict, clips: str, base: str, vae: str, out: str, jobs: int = 1) -> dict:
+    """Every part in this process, then the index."""
+    for part in range(jobs):
+        encode_part(params, clips, base, vae, out, part, jobs)
+    return gather(params, clips, out, jobs)
 
 
 def _command(args) -> int:
-    from osv.launch import run_stage
-    from osv.params import load_params
+    from osv.launch import run_stage, run_stages
+    from osv.params import load_params, resources_for
 
     params = load_params(args.params)
-    kwargs = dict(params=params, clips=args.clips, base=args.base, vae=args.vae, out=args.out)
-    result = run_stage("encode", encode_all, kwargs, params)
+    jobs = resources_for(params, "encode")["jobs"]
+    if args.part is not None and not 0 <= args.part < jobs:
+        raise SystemExit(f"osv encode: --part {args.part} is not in 0..{jobs - 1} (resources.encode.jobs = {jobs})")
+    common = dict(params=params, clips=args.clips, base=args.base, vae=args.vae, root=args.out, jobs=jobs)
+    if args.part is not None:  # one job of the fan-out (Snakemake's encode_part rule)
+        result = run_stage("encode", encode_part, {**common, "part": args.part}, params)
+    else:
+        if not args.gather:  # every part, submitted at once (dvc repro, or by hand)
+            run_stages("encode", encode_part, [{**common, "part": k} for k in range(jobs)], params)
+        result = gather(params, args.clips, args.out, jobs)
     print(f"osv encode: {args.out}: {result}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("encode", help="encode clips to latents, conditioning latents and CLIP embeddings")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--clips", default="data/clips")
-    p.add_argument("--base", default="models/base")
-    p.add_argument("--vae", default="models/vae")
-    p.add_argument("--out", default="data/latents")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--clips", default="data/clips", help="the data stage's clips (default: %(default)s)")
+    p.add_argument("--base", default="models/base", help="base models: the CLIP image encoder (default: %(default)s)")
+    p.add_argument("--vae", default="models/vae", help="the VAE that encodes (default: %(default)s)")
+    p.add_argument("--out", default="data/latents", help="latent folder (default: %(default)s)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--part", type=int, default=None,
+                     help="encode only job PART (0-based) of resources.encode.jobs and write its receipt "
+                          "(default: every part, then the index)")
+    how.add_argument("--gather", action="store_true", help="only write index.json from the parts' receipts")
     p.set_defaults(func=_command)

@@ -53,13 +53,6 @@ def read_index(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_stats(folder: str | Path) -> dict:
-    path = Path(folder) / "stats.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no latent statistics (run `osv encode` first)")
-    return json.loads(path.read_text())
-
-
 class LatentDataset(Dataset):
     """Clips of one split at one resolution: dicts {latents, cond_latents, image_embeds, first_frame, clip_id}.
 
@@ -105,10 +98,3 @@ class LatentDataset(Dataset):
 
     def clip_ids(self) -> list[str]:
         return [cid for _, _, cid in self.items]
-
-
-def collate(batch: list[dict]) -> dict:
-    """Stack tensors, keep clip ids as a list (for torch DataLoader)."""
-    out = {k: torch.stack([b[k] for b in batch]) for k in KEYS}
-    out["clip_id"] = [b["clip_id"] for b in batch]
-    return out

@@ -158,32 +158,79 @@ def export_distributed_env() -> None:
 def run_stage(stage: str, fn: Callable, kwargs: dict, params: dict, checkpointable: bool = False,
               log_root: str | Path | None = None):
     """Run fn(**kwargs) for `stage` where OSV_LAUNCHER says; return its (rank-0) result."""
+    return run_stages(stage, fn, [kwargs], params, checkpointable, log_root)[0]
+
+
+def run_stages(stage: str, fn: Callable, calls: list[dict], params: dict, checkpointable: bool = False,
+               log_root: str | Path | None = None) -> list:
+    """fn(**kwargs) for every kwargs of `calls`, the stage's parts: in this process one after the
+    other, or submitted all at once as jobs of the stage's resources and then waited for (a part
+    that fails does not stop the others; the first failure is raised once all have ended)."""
     from osv import timing
 
     mode = launcher_mode()
     if mode == "none":
         pin_threads(params, stage)
-        result = fn(**kwargs)
-        timing.finish(stage, kwargs.get("out"), kwargs.get("method_name"))
-        return result
-    timing.delegated()  # the job measures itself; this process only waits
+        results = [fn(**kwargs) for kwargs in calls]
+        for kwargs in calls:
+            timing.finish(stage, kwargs.get("out"), kwargs.get("method_name"))
+        return results
+    timing.delegated()  # the jobs measure themselves; this process only waits
+    started = [_start(stage, fn, kwargs, params, mode, checkpointable, log_root) for kwargs in calls]
+    results, errors = [], []
+    for job, record in started:
+        try:
+            results.append(wait(job, stage, mode))
+            record.clear()
+        except LaunchError as exc:
+            results.append(None)
+            errors.append(exc)
+    if errors:
+        if len(errors) > 1:
+            print(f"[osv {stage}] {len(errors)} of {len(calls)} jobs failed; the first:", flush=True)
+        raise errors[0]
+    return results
+
+
+def _start(stage: str, fn: Callable, kwargs: dict, params: dict, mode: str, checkpointable: bool,
+           log_root: str | Path | None):
+    """(job, record): the call's job, reattached (slurm) or submitted now."""
     from osv.params import resources_for
 
     res = resources_for(params, stage)
     tasks = res["nodes"] * res["tasks_per_node"]
     record = JobRecord(stage, kwargs, log_root)
-    job = record.reattach(tasks) if mode == "slurm" else None
+    job = record.reattach(tasks, call_outputs(fn, kwargs)) if mode == "slurm" else None
     if job is None:
         cls = CheckpointableStageCall if checkpointable or hasattr(fn, "checkpoint") else StageCall
         call = cls(stage, fn, kwargs, tasks)
         folder = job_folder(stage, log_root)
-        executor = make_executor(stage, mode, res, folder)
+        executor = make_executor(stage, mode, res, folder, job_name(stage, kwargs))
         job = submit(executor, call)
         record.write(job, folder)
         print(f"[osv {stage}] submitted {mode} job {job.job_id}, logs in {folder}", flush=True)
-    result = wait(job, stage, mode)
-    record.clear()
-    return result
+    return job, record
+
+
+def call_outputs(fn: Callable, kwargs: dict) -> list[Path]:
+    """The files a call writes: fn.outputs(**kwargs) where the function says, else its out, metrics
+    and plots arguments. A completed job is reused only while they all exist."""
+    own = getattr(fn, "outputs", None)
+    if callable(own):
+        return [Path(p) for p in own(**kwargs)]
+    return [Path(kwargs[k]) for k in ("out", "metrics", "plots") if kwargs.get(k)]
+
+
+def job_name(stage: str, kwargs: dict) -> str:
+    """osv-<stage>[-<run or method>][-part<K>]: squeue and sacct say which instance a job is."""
+    parts = [f"osv-{stage}"]
+    instance = kwargs.get("run") or kwargs.get("method_name") or kwargs.get("method")
+    if isinstance(instance, str):
+        parts.append(instance)
+    for key in ("part", "n"):
+        if isinstance(kwargs.get(key), int):
+            parts.append(f"part{kwargs[key]}")
+    return "-".join(parts)
 
 
 class JobRecord:
@@ -217,8 +264,9 @@ class JobRecord:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
-    def reattach(self, tasks: int):
-        """The recorded SLURM job if it is still this call's and alive or done, else None."""
+    def reattach(self, tasks: int, outputs: list[Path] = ()):
+        """The recorded SLURM job if it is still this call's and alive, or done with its outputs
+        still there, else None."""
         import json
 
         import submitit
@@ -236,6 +284,11 @@ class JobRecord:
                       "or params", flush=True)
             return None
         job = submitit.SlurmJob(folder=rec["folder"], job_id=rec["job_id"], tasks=tuple(range(tasks)))
+        gone = [str(p) for p in outputs if not Path(p).exists()]
+        if state == "COMPLETED" and gone:  # e.g. Snakemake cleared an interrupted rule's outputs
+            print(f"[osv {self.stage}] job {rec['job_id']} completed, but {', '.join(gone)} is gone: submitting "
+                  "again (it resumes from its own checkpoints or shards)", flush=True)
+            return None
         if alive or (state == "COMPLETED" and _results_ready(job)):
             print(f"[osv {self.stage}] reattached to slurm job {rec['job_id']} ({state}), logs in {rec['folder']}",
                   flush=True)
@@ -249,11 +302,11 @@ def job_folder(stage: str, log_root: str | Path | None = None) -> Path:
     return root / stage / unique
 
 
-def executor_parameters(stage: str, res: dict) -> dict:
+def executor_parameters(stage: str, res: dict, name: str | None = None) -> dict:
     """submitit parameters from a stage's resources (None values left to the cluster defaults)."""
     extra = {"chdir": os.getcwd(), **(res.get("sbatch_extra") or {})}  # relative paths resolve as here
     out = {
-        "name": f"osv-{stage}",
+        "name": name or f"osv-{stage}",
         "gpus_per_node": res["gpus"],
         "tasks_per_node": res["tasks_per_node"],
         "nodes": res["nodes"],
@@ -269,12 +322,12 @@ def executor_parameters(stage: str, res: dict) -> dict:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def make_executor(stage: str, mode: str, res: dict, folder: Path):
+def make_executor(stage: str, mode: str, res: dict, folder: Path, name: str | None = None):
     import submitit
 
     # cluster is explicit: with srun on PATH, AutoExecutor would pick slurm by itself.
     executor = submitit.AutoExecutor(folder=folder, cluster=mode)
-    params = executor_parameters(stage, res)
+    params = executor_parameters(stage, res, name)
     if mode == "local" and params["nodes"] != 1:
         raise LaunchError(f"resources.{stage}.nodes={params['nodes']}: the local launcher runs on one node")
     executor.update_parameters(**params)

@@ -75,3 +75,16 @@ def describe_device(device: str) -> dict:
     if device == "cuda":
         out["gpu"] = torch.cuda.get_device_name()
     return out
+
+
+def cuda_autocast(device: str):
+    """bf16 (else fp16) autocast on CUDA only; the CPU stays fp32 so results are exact and repeatable
+    (and the parity tests hold). Returns (context, name of the precision)."""
+    import contextlib
+
+    if device != "cuda":
+        return contextlib.nullcontext(), "fp32"
+    import torch
+
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), f"{str(dtype).removeprefix('torch.')} autocast"

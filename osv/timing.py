@@ -221,3 +221,28 @@ def run_table(params: dict, root: str | os.PathLike = ".", **dirs) -> str:
     found, missing = collect(jobs)
     expected = {s: sum(1 for j in jobs if j[0] == s) for s in STAGES}
     return table(found, missing, expected)
+
+
+def record_parts(stage: str, out: str | os.PathLike, parts: list[dict]) -> Path | None:
+    """The timing record of a stage fanned out into jobs (encode, generate): the parts' own records
+    summed (wall, CPU and work seconds; start-up the median; peak RSS the largest), written where
+    record_path puts the stage's record. This process only gathered: it records nothing of its own."""
+    path = record_path(stage, out)
+    if path is None or not parts:
+        return None
+    from osv.atomic import write_json
+    from osv.precision import cpu_name, precision_flags  # no torch
+
+    def total(key, fn=sum):
+        values = [p[key] for p in parts if p.get(key) is not None]
+        return round(fn(values), 3) if values else None
+
+    merged = {"wall_s": total("wall_s"), "cpu_s": total("cpu_s"), "peak_rss_mb": total("peak_rss_mb", max),
+              "threads": parts[0].get("threads"), "os_threads": total("os_threads", max),
+              "startup_s": total("startup_s", statistics.median), "work_s": total("work_s"),
+              "jobs": len(parts), "launcher": parts[0].get("launcher"),
+              "slurm_jobs": [p["slurm_job"] for p in parts if "slurm_job" in p]}
+    write_json(path, {"stage": stage, "instance": None, "cpu": cpu_name(), "cpu_flags": precision_flags(),
+                      "timing": merged})
+    _state["delegated"] = True  # osv.cli's finish() must not overwrite it with the gather's own
+    return path

@@ -231,23 +231,28 @@ def make_vae(params: dict, base: str | Path, clips: str | Path, out: str | Path,
     return result
 
 
+def vae_job(params: dict, base: str, clips: str, out: str, metrics: str) -> dict:
+    """The stage's work (module level, so submitit can pickle it): seeded, then make_vae."""
+    torch.manual_seed(params["seed"])
+    return make_vae(params, base, clips, out, metrics)
+
+
 def _command(args) -> int:
-    from osv.launch import pin_threads
+    from osv.launch import run_stage
     from osv.params import load_params
 
     params = load_params(args.params)
-    pin_threads(params, "vae")
-    torch.manual_seed(params["seed"])
-    r = make_vae(params, args.base, args.clips, args.out, args.metrics)
+    r = run_stage("vae", vae_job, dict(params=params, base=args.base, clips=args.clips, out=args.out,
+                                       metrics=args.metrics), params)
     print(f"osv vae: test PSNR {r['psnr_test_db']:.2f} dB (initial {r['psnr_init_db']:.2f} dB) -> {args.out}")
     return 0
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("vae", help="train (embedded) or copy (paper) the video VAE; test PSNR")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--base", default="models/base")
-    p.add_argument("--clips", default="data/clips")
-    p.add_argument("--out", default="models/vae")
-    p.add_argument("--metrics", default="metrics/vae.json")
+    p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    p.add_argument("--base", default="models/base", help="base models, the VAE to start from (default: %(default)s)")
+    p.add_argument("--clips", default="data/clips", help="the data stage's clips (default: %(default)s)")
+    p.add_argument("--out", default="models/vae", help="output VAE folder (default: %(default)s)")
+    p.add_argument("--metrics", default="metrics/vae.json", help="metrics file (default: %(default)s)")
     p.set_defaults(func=_command)

@@ -166,16 +166,22 @@ def load_clip(path: str | Path, frames: int, fps: float, width: int, height: int
 
     Returns uint8 [T, height, width, 3].
     """
+    return load_clip_sizes(path, frames, fps, [(width, height)], start_sec)[0]
+
+
+def load_clip_sizes(path: str | Path, frames: int, fps: float, sizes: list[tuple[int, int]],
+                    start_sec: float = 0.0) -> list[np.ndarray]:
+    """load_clip at several (width, height) sizes from one decode (decoding is most of the cost
+    of a full-HD clip); each array equals load_clip's at that size."""
     targets = clip_times(start_sec, frames, fps)
     times, decoded, src_fps = decode(path, until=float(targets[-1]))
-    idx = cover_indices(times, targets, 1.0 / src_fps, path)
-    cache: dict[int, np.ndarray] = {}
+    idx = cover_indices(times, targets, 1.0 / src_fps, path).tolist()
+    rgb = {i: to_rgb(decoded[i]) for i in dict.fromkeys(idx)}
     out = []
-    for i in idx.tolist():
-        if i not in cache:
-            cache[i] = resize_crop(to_rgb(decoded[i]), width, height)
-        out.append(cache[i])
-    return np.stack(out)
+    for width, height in sizes:
+        resized = {i: resize_crop(frame, width, height) for i, frame in rgb.items()}
+        out.append(np.stack([resized[i] for i in idx]))
+    return out
 
 
 def write_mp4(path: str | Path, frames: np.ndarray, fps: float, crf: int = 0) -> None:

@@ -16,6 +16,9 @@ set -euo pipefail
 ACTION=${1:-}
 SCRATCH=${2:-${OSV_SLURM_DIR:-/tmp/osv-slurm}}
 HOST=$(hostname -s)
+# The node offers this machine's memory less 2 GB for the daemons and the test process: the
+# paper-smoke DAG's stage-2 job (two SVD UNets in fp32 on the CPU) asks for most of it.
+MEM_MB=$(( $(awk '/^MemTotal:/ {print $2}' /proc/meminfo) / 1024 - 2048 ))
 CLUSTER=osv
 DB_PORT=${OSV_SLURM_DB_PORT:-33061}
 DB_PASS=osv-slurm-db
@@ -117,7 +120,7 @@ SlurmctldTimeout=30
 SlurmdTimeout=30
 InactiveLimit=0
 Waittime=0
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=16000 Gres=gpu:2 State=UNKNOWN
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=2 Sockets=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=$MEM_MB Gres=gpu:2 State=UNKNOWN
 PartitionName=gpu Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
 EOF
   cat >"$SCRATCH/etc/slurmdbd.conf" <<EOF

@@ -3,6 +3,7 @@
 import functools
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,11 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-LOG_REDIRECT = re.compile(r" 2>&1 \| tee \S+$")
+LOG_REDIRECT = re.compile(r" (2>&1 \| tee \S+|> \S+ 2>&1)$")
+# Snakemake fans these out into one job per part (docs/design.md "Fan-out"); `dvc repro` runs the
+# same command without --part (every part, submitted at once), then the gather.
+FANOUT = {"data_part": "data", "encode_part": "encode", "generate_part": "generate"}
+RECEIPT = re.compile(r"^(data/parts/|data/latents\.parts/|samples/\.parts/)")
 
 
 @functools.cache
@@ -30,7 +35,8 @@ def snakemake_jobs() -> dict:
         cmd = re.search(r"^Shell command: (.*)$", block, flags=re.M)
         if rule == "all":
             continue
-        wildcard = fields.get("wildcards", "").split("=", 1)[-1] or None
+        wildcards = dict(w.split("=", 1) for w in filter(None, fields.get("wildcards", "").split(", ")))
+        wildcard = ", ".join(v if k != "part" else f"part={v}" for k, v in wildcards.items()) or None
         jobs[(rule, wildcard)] = (
             LOG_REDIRECT.sub("", cmd.group(1)),
             set(filter(None, fields.get("input", "").split(", "))),
@@ -60,8 +66,25 @@ def covered(path: str, folders: set) -> bool:
     return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
+def merged_jobs() -> dict:
+    """Snakemake's jobs as DVC's stages: each gather with its parts (the parts' commands are the
+    stage's own plus --part; the receipts between them are Snakemake's bookkeeping)."""
+    jobs, merged = snakemake_jobs(), {}
+    for (rule, wc), (cmd, inputs, outputs) in jobs.items():
+        if rule not in FANOUT:
+            merged[(rule, wc)] = (cmd.replace(" --gather", ""), {i for i in inputs if not RECEIPT.match(i)}, outputs)
+    for (rule, wc), (cmd, inputs, outputs) in jobs.items():
+        if rule in FANOUT:
+            key = (FANOUT[rule], re.sub(r"(, )?part=\S+", "", wc) or None)
+            assert key in merged, f"{rule} {wc}: no gather {key}"
+            assert re.sub(r" --part \d+", "", cmd) == merged[key][0], f"{rule} {wc}: {cmd} vs {merged[key][0]}"
+            assert all(RECEIPT.match(o) for o in outputs), (rule, outputs)
+            merged[key][1].update(inputs)
+    return merged
+
+
 def test_snakefile_and_dvc_yaml_hold_the_same_dag():
-    snake, dvc = snakemake_jobs(), dvc_stages()
+    snake, dvc = merged_jobs(), dvc_stages()
     assert set(snake) == set(dvc), f"only Snakemake: {set(snake) - set(dvc)}; only DVC: {set(dvc) - set(snake)}"
     for name, (cmd, inputs, outputs) in snake.items():
         dcmd, ddeps, douts = dvc[name]
@@ -103,3 +126,22 @@ def test_resumable_state_is_never_a_snakemake_output_and_persists_in_dvc():
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     assert {"data/latents": {"persist": True}} in dvc["encode"]["outs"]
     assert any(o == {"runs/${key}": {"persist": True}} for o in dvc["train"]["do"]["outs"])
+
+
+def test_paper_scale_plans_data_encoding_and_generation_as_many_jobs(tmp_path):
+    """`snakemake -n --profile slurm` with workflow/scales/paper.yaml: one job per OpenVid part, per
+    range of encode shards and per range of test clips of every method, each with its gather."""
+    for name in ("Snakefile", "workflow", "osv", "slurm"):
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    shutil.copy(ROOT / "workflow/scales/paper.yaml", tmp_path / "params.yaml")
+    out = subprocess.run([BIN / "snakemake", "-n", "--profile", "slurm", "--nocolor"], cwd=tmp_path, env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    jobs = {k: int(v) for k, v in re.findall(r"^(\w+)\s+(\d+)$", out.stdout.split("Job stats:", 1)[1], flags=re.M)}
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    res = params["resources"]
+    methods = len(params["eval"]["methods"])
+    assert jobs["data_part"] == len(params["data"]["openvid"]["parts"]) == 12
+    assert jobs["encode_part"] == res["encode"]["jobs"] == 64 and jobs["encode"] == 1
+    assert jobs["generate_part"] == methods * res["generate"]["jobs"] == 21 * 8 and jobs["generate"] == methods

@@ -34,7 +34,6 @@ def test_layout_shapes_and_dtypes(setup):
     params, tmp, pipe = setup
     index = read_index(tmp / "a")
     assert set(index["groups"]) == {"train/64x32", "train/32x16", "test/64x32"}
-    assert (tmp / "a" / "stats.json").exists()
     for split, w, h in (("train", 64, 32), ("train", 32, 16), ("test", 64, 32)):
         ds = LatentDataset(tmp / "a", split, w, h)
         item = ds[len(ds) - 1]
@@ -82,21 +81,56 @@ def test_deterministic_and_resumable(setup, monkeypatch):
     calls = {"n": 0}
     real = enc.encode_batch
 
-    def dies_on_second_batch(*a, **k):
+    def dies_in_second_unit(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:  # unit 0 is train shard 0 at both resolutions: two batches
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(enc, "encode_batch", dies_on_second_batch)
+    monkeypatch.setattr(enc, "encode_batch", dies_in_second_unit)
     with pytest.raises(KeyboardInterrupt):
         enc.encode_all(*args, str(tmp / "c"))
     assert not (tmp / "c" / "index.json").exists()
-    assert len(list((tmp / "c").rglob("shard-*.safetensors"))) == 1  # shard 0 only (one batch each)
+    assert len(list((tmp / "c").rglob("shard-*.safetensors"))) == 2  # train shard 0 at 64x32 and 32x16
     monkeypatch.setattr(enc, "encode_batch", real)
     result = enc.encode_all(*args, str(tmp / "c"))
-    assert result["skipped"] == 1 and result["encoded"] == len(shards) - 1
+    assert result["skipped"] == 2 and result["encoded"] == len(shards) - 2
     assert read_index(tmp / "c") == read_index(tmp / "a")
+
+
+def test_parts_write_the_same_shards_and_index(setup, tmp_path):
+    """Three jobs over contiguous unit ranges (as the encode_part rules run them): the same bytes and
+    index as one job; the gather refuses while a part's receipt is missing, naming it."""
+    params, tmp, _ = setup
+    args = (params, str(tmp / "clips"), str(tmp / "base"), str(tmp / "base" / "vae"))
+    out = tmp_path / "parts"
+    for part in (2, 0):
+        enc.encode_part(*args, str(out), part, 3)
+    with pytest.raises(FileNotFoundError, match=r"part-001-of-003.json: encode part 1 of 3 has not finished"):
+        enc.gather(params, str(tmp / "clips"), str(out), 3)
+    enc.encode_part(*args, str(out), 1, 3)
+    result = enc.gather(params, str(tmp / "clips"), str(out), 3)
+    assert result["jobs"] == 3 and result["encoded"] == len(list((tmp / "a").rglob("shard-*.safetensors")))
+    assert read_index(out) == read_index(tmp / "a")
+    for shard in (tmp / "a").rglob("shard-*.safetensors"):
+        assert (out / shard.relative_to(tmp / "a")).read_bytes() == shard.read_bytes(), shard
+    assert sorted(len(enc.part_range(7, k, 3)) for k in range(3)) == [2, 2, 3]
+    assert [i for k in range(3) for i in enc.part_range(7, k, 3)] == list(range(7))
+
+
+def test_one_decode_serves_every_size(setup):
+    """load_clip_sizes (one decode, the train split's two resolutions) equals load_clip at each size."""
+    import numpy as np
+
+    from osv.data import read_manifest
+    from osv.video import load_clip, load_clip_sizes
+
+    params, tmp, _ = setup
+    row = read_manifest(tmp / "clips" / "manifest.csv", "train")[0]
+    path, d = tmp / "clips" / row["video"], params["data"]
+    both = load_clip_sizes(path, d["frames"], d["fps"], [(64, 32), (32, 16)])
+    for got, (w, h) in zip(both, [(64, 32), (32, 16)]):
+        np.testing.assert_array_equal(got, load_clip(path, d["frames"], d["fps"], w, h))
 
 
 @pytest.fixture

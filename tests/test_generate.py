@@ -151,3 +151,33 @@ def test_generate_with_the_teacher_as_student_absorbs_nothing(workspace):
     generate(params, "teacher_1_nocfg", str(ws["teacher"]), str(ws["teacher"]), str(ws["latents"]), str(ref))
     for a, b in zip(sorted(out.glob("clip-*.mp4")), sorted(ref.glob("clip-*.mp4")), strict=True):
         assert psnr(read_frames(a)[0], read_frames(b)[0]) > 40, a.name
+
+
+def test_parts_give_the_same_samples_and_a_failed_batch_is_all_that_reruns(workspace, monkeypatch):
+    """Two jobs (as the generate_part rules run them) write what one job writes; a job that dies at
+    batch 1 keeps batch 0, and its rerun samples batch 1 only."""
+    from osv.eval import generate as gen
+    from osv.numerics import INJECT_ENV, NonFiniteError
+
+    params, ws, student, root = workspace
+    args = (params, "osv_tts", str(ws["teacher"]), str(student), str(ws["latents"]))
+    whole = generate(*args, str(root / "fan" / "whole"))
+    out = root / "fan" / "split"
+    gen.generate_part(*args, str(out), 1, 2)
+    with pytest.raises(FileNotFoundError, match=r"part-000-of-002.json: generate part 0 of 2 for osv_tts"):
+        gen.gather(params, "osv_tts", str(student), str(out), 2)
+    gen.generate_part(*args, str(out), 0, 2)
+    split = gen.gather(params, "osv_tts", str(student), str(out), 2)
+    same = ("clip_ids", "nfe", "absorption_per_clip", "unet_sha256", "clips")
+    assert {k: split[k] for k in same} == {k: whole[k] for k in same} and split["jobs"] == 2
+    for clip in sorted((root / "fan" / "whole").glob("clip-*.mp4")):
+        assert np.array_equal(read_frames(clip)[0], read_frames(out / clip.name)[0]), clip.name
+
+    resumed = root / "fan" / "resumed"
+    monkeypatch.setenv(INJECT_ENV, "generate:1")
+    with pytest.raises(NonFiniteError):
+        gen.generate_part(*args, str(resumed), 0, 1)
+    monkeypatch.delenv(INJECT_ENV)
+    assert gen.generate_part(*args, str(resumed), 0, 1) == {"part": 0, "jobs": 1, "sampled": 1, "reused": 1,
+                                                             "device": "cpu"}
+    assert gen.gather(params, "osv_tts", str(student), str(resumed), 1)["clip_ids"] == whole["clip_ids"]

@@ -238,7 +238,7 @@ def test_preempted_training_run_requeues_and_resumes_bit_exactly(on_slurm, param
     kwargs = kwargs_in(on_slurm)
     box = in_thread(lambda: launch.run_stage("train", train_run, kwargs, kwargs["params"], checkpointable=True))
     wait_for(lambda: len(list_checkpoints(on_slurm / "runs" / "stage1")) >= 1, 180, "a first checkpoint")
-    job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "osv-train"], capture_output=True,
+    job_id = subprocess.run(["squeue", "-h", "-o", "%i", "-n", "osv-train-stage1"], capture_output=True,
                             text=True).stdout.split()[0]
     subprocess.run([*preempt.split(), job_id], check=True)
     box["thread"].join(300)

@@ -43,11 +43,11 @@ def run_params(params: dict, run: str) -> dict:
 
 
 def write_latents(root: Path, params: dict, n_train: int = 6, n_test: int = 4, seed: int = 0) -> None:
-    """data/latents in osv.encode's format (groups split/WxH, shards, root index.json and stats.json),
+    """data/latents in osv.encode's format (groups split/WxH, shards, root index.json),
     filled with random latents: the training tests need shapes and a readable folder, not real clips."""
     g = torch.Generator().manual_seed(seed)
     frames = params["data"]["frames"]
-    groups, stats = {}, {}
+    groups = {}
     for split, n, keys in (("train", n_train, ("resolution", "low_resolution")), ("test", n_test, ("resolution",))):
         for key in keys:
             w, h = params["data"][key]["width"], params["data"][key]["height"]
@@ -63,12 +63,10 @@ def write_latents(root: Path, params: dict, n_train: int = 6, n_test: int = 4, s
             ids = [f"{split}-{i:04d}" for i in range(n)]
             groups[name] = {"folder": name, "count": n,
                             "shards": [{"file": "shard-00000.safetensors", "count": n, "clip_ids": ids}]}
-            stats[name] = {"mean": float(latents.mean()), "std": float(latents.std()), "count": n}
     index = {"frames": frames, "fps": params["data"]["fps"], "scaling_factor": 0.18215, "latent_channels": 4,
              "noise_aug_strength": params["conditioning"]["noise_aug_strength"], "image_embed_dim": 64,
              "groups": groups}
     (root / "index.json").write_text(json.dumps(index))
-    (root / "stats.json").write_text(json.dumps(stats))
 
 
 def assert_numbers_only(path: Path) -> dict:

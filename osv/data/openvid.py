@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import itertools
+import json
 import os
 import re
 import shutil
@@ -118,29 +119,52 @@ def part_remotes(repo: str, commit: str, endpoint: str | None, n: int):
 
 
 def extract_part(repo: str, commit: str, endpoint: str | None, n: int) -> tuple[Path, dict[str, str]]:
-    """Download (resumably) and extract part n once into the download cache; return its folder of mp4s."""
+    """Download (resumably) and extract part n once into the download cache; return its folder of
+    mp4s and the SHA-256 of its hub files. Once extracted, the part's record (beside the folder)
+    keeps those hashes and its zip (or pieces) is deleted: ~50 GB per part not kept twice."""
     cache = repo_cache(REPO_TYPE, repo, commit)
     target = cache / "extracted" / f"OpenVid_part{n}"
+    record = target.with_name(f"{target.name}.json")
+    if target.is_dir() and record.exists():
+        return target, json.loads(record.read_text())["sha256"]
     remotes = part_remotes(repo, commit, endpoint, n)
-    hashes = {}
-    local = []
+    hashes, local = {}, []
     for remote in remotes:
         path, hashes[remote.path] = hub_fetch(repo, REPO_TYPE, commit, endpoint, remote)
         local.append(path)
-    if target.is_dir():
-        return target, hashes
-    zip_path = local[0]
-    if len(local) > 1:  # `cat OpenVid_partN_part* > OpenVid_partN.zip`, as the README says
-        zip_path = cache / "joined" / PART_ZIP.format(n=n)
-        with atomic_path(zip_path) as tmp, open(tmp, "wb") as out:
-            for piece in local:
-                with open(piece, "rb") as src:
-                    shutil.copyfileobj(src, out, 16 * 1024 * 1024)
-    with atomic_path(target) as tmp:
-        unzip_flat(zip_path, tmp)
-    if len(local) > 1:
-        zip_path.unlink()  # the pieces stay cached; the joined copy would double the disk use
+    if not target.is_dir():
+        zip_path = local[0]
+        if len(local) > 1:  # `cat OpenVid_partN_part* > OpenVid_partN.zip`, as the README says
+            zip_path = cache / "joined" / PART_ZIP.format(n=n)
+            with atomic_path(zip_path) as tmp, open(tmp, "wb") as out:
+                for piece in local:
+                    with open(piece, "rb") as src:
+                        shutil.copyfileobj(src, out, 16 * 1024 * 1024)
+        with atomic_path(target) as tmp:
+            unzip_flat(zip_path, tmp)
+        if len(local) > 1:
+            zip_path.unlink()
+    write_json(record, {"part": n, "sha256": hashes, "videos": sum(1 for _ in target.iterdir())})
+    for path in local:  # the record vouches for them now
+        path.unlink(missing_ok=True)
+        Path(f"{path}.sha256").unlink(missing_ok=True)
     return target, hashes
+
+
+def fetch_part(params: dict, n: int, receipt: str) -> dict:
+    """One job of the data fan-out: OpenVid part n downloaded, checked and extracted (extract_part),
+    and its receipt written (what the data rule's gather waits for)."""
+    cfg = params["data"]["openvid"]
+    commit = resolve_commit(cfg["repo_id"], REPO_TYPE, cfg["revision"], cfg["endpoint"], cfg["csv"])
+    folder, hashes = extract_part(cfg["repo_id"], commit, cfg["endpoint"], n)
+    out = {"part": n, "commit": commit, "folder": str(folder), "sha256": hashes,
+           "videos": sum(1 for _ in folder.iterdir())}
+    write_json(receipt, out)
+    return out
+
+
+# what a finished job leaves (osv.launch reuses a completed job only while it exists)
+fetch_part.outputs = lambda receipt, **_: [receipt]
 
 
 def unzip_flat(zip_path: Path, folder: Path) -> None:

@@ -7,6 +7,12 @@ from osv.params import deep_merge, resources_for
 PARAMS = "params.yaml"
 RUNS = list(config["train"]["runs"])
 METHODS = list(config["eval"]["methods"])
+# Fan-out (docs/design.md "Fan-out"): one job per OpenVid part, per range of encode shards and per
+# range of test clips of each method; a gather rule after each.
+OPENVID = config["data"]["source"] == "openvid"
+DATA_PARTS = [f"data/parts/openvid-{n}.json" for n in config["data"]["openvid"]["parts"]] if OPENVID else []
+ENCODE_JOBS = resources_for(config, "encode")["jobs"]
+GENERATE_JOBS = resources_for(config, "generate")["jobs"]
 
 
 def stage_threads(stage):
@@ -20,10 +26,16 @@ def stage_threads(stage):
 wildcard_constraints:
     run="|".join(RUNS),
     method="|".join(METHODS),
+    part=r"\d+",
 
 
 localrules:
+    data_part,
+    data,
+    vae,
+    encode_part,
     encode,
+    generate_part,
     teacher,
     train,
     generate,

@@ -1,8 +1,27 @@
 # Data, weights, the small VAE and latent encoding.
 
 
-rule data:
+rule data_part:
+    # OpenVid only: one job per part of data.openvid.parts (download ~50 GB, check, extract).
     input:
+        code=code_files("data"),
+    output:
+        "data/parts/openvid-{part}.json",
+    params:
+        deps=stage_params("data"),
+    threads: stage_threads("data")
+    log:
+        "logs/data/part-{part}.log",
+    conda:
+        "../envs/osv.yaml"
+    shell:
+        "osv data --params params.yaml --out data/clips --part {wildcards.part} > {log} 2>&1"
+
+
+rule data:
+    # The split over every part (OpenVid), or the embedded clips: one job either way.
+    input:
+        DATA_PARTS,
         code=code_files("data"),
     output:
         directory("data/clips"),
@@ -10,12 +29,13 @@ rule data:
         timing="data/clips.timing.json",
     params:
         deps=stage_params("data"),
+    threads: stage_threads("data")
     log:
         "logs/data.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv data --params params.yaml --out data/clips 2>&1 | tee {log}"
+        "osv data --params params.yaml --out data/clips --gather 2>&1 | tee {log}"
 
 
 rule weights:
@@ -55,24 +75,44 @@ rule vae:
         " --metrics metrics/vae.json 2>&1 | tee {log}"
 
 
-rule encode:
+rule encode_part:
+    # Job {part} of resources.encode.jobs: a contiguous range of shards, each clip decoded once for
+    # both resolutions. The shards are resumable work, not declared outputs: Snakemake would delete a
+    # failed job's outputs, and a rerun reuses every intact shard. The receipt lists what it wrote.
     input:
         "data/clips",
         "models/base",
         "models/vae",
         code=code_files("encode"),
     output:
-        # The index, written last. The shards beside it are resumable work, not a declared output:
-        # Snakemake would delete a failed job's outputs, and a rerun reuses every intact shard.
+        "data/latents.parts/part-{part}-of-%03d.json" % ENCODE_JOBS,
+    params:
+        deps=stage_params("encode"),
+    threads: stage_threads("encode")
+    log:
+        "logs/encode/part-{part}.log",
+    conda:
+        "../envs/osv.yaml"
+    shell:
+        "osv encode --params params.yaml --clips data/clips --base models/base --vae models/vae"
+        " --out data/latents --part {wildcards.part} > {log} 2>&1"
+
+
+rule encode:
+    # The index from the receipts, written last (its presence means the folder is complete).
+    input:
+        expand("data/latents.parts/part-{part:03d}-of-{jobs:03d}.json", part=range(ENCODE_JOBS), jobs=ENCODE_JOBS),
+        "data/clips",
+        code=code_files("encode"),
+    output:
         "data/latents/index.json",
         timing="data/latents.timing.json",
     params:
         deps=stage_params("encode"),
     log:
         "logs/encode.log",
-    threads: stage_threads("encode")
     conda:
         "../envs/osv.yaml"
     shell:
         "osv encode --params params.yaml --clips data/clips --base models/base --vae models/vae"
-        " --out data/latents 2>&1 | tee {log}"
+        " --out data/latents --gather 2>&1 | tee {log}"

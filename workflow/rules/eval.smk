@@ -1,10 +1,35 @@
 # Generation for every method of eval.methods, FVD/FID, and the report.
 
 
-rule generate:
+rule generate_part:
+    # Job {part} of resources.generate.jobs for one method: a range of test clips, written batch by
+    # batch to samples/.parts/{method} (resumable work, not declared: a failed job keeps its batches).
     input:
         "models/teacher",
         "data/latents/index.json",
+        model=method_model,
+        code=code_files("generate"),
+    output:
+        "samples/.parts/{method}/part-{part}-of-%03d.json" % GENERATE_JOBS,
+    params:
+        deps=stage_params("generate"),
+        model=method_model,
+    threads: stage_threads("generate")
+    log:
+        "logs/generate/{method}/part-{part}.log",
+    conda:
+        "../envs/osv.yaml"
+    shell:
+        "osv generate --params params.yaml --method {wildcards.method} --teacher models/teacher"
+        " --model {params.model} --latents data/latents --out samples/{wildcards.method}"
+        " --part {wildcards.part} > {log} 2>&1"
+
+
+rule generate:
+    # samples/{method} from its parts: clips (hard links), meta.json, previews.
+    input:
+        expand("samples/.parts/{{method}}/part-{part:03d}-of-{jobs:03d}.json", part=range(GENERATE_JOBS),
+               jobs=GENERATE_JOBS),
         model=method_model,
         code=code_files("generate"),
     output:
@@ -18,14 +43,13 @@ rule generate:
     params:
         deps=stage_params("generate"),
         model=method_model,
-    threads: stage_threads("generate")
     log:
         "logs/generate/{method}.log",
     conda:
         "../envs/osv.yaml"
     shell:
         "osv generate --params params.yaml --method {wildcards.method} --teacher models/teacher"
-        " --model {params.model} --latents data/latents --out samples/{wildcards.method} 2>&1 | tee {log}"
+        " --model {params.model} --latents data/latents --out samples/{wildcards.method} --gather 2>&1 | tee {log}"
 
 
 rule fvd:
