@@ -39,11 +39,17 @@ from submitit.helpers import Checkpointable, DelayedSubmission  # light: no torc
 MODES = ("none", "debug", "local", "slurm")
 ENV_MODE = "OSV_LAUNCHER"
 ENV_LOG_ROOT = "OSV_SUBMITIT_LOGS"
+ENV_RESOURCES = "OSV_RESOURCES"  # mem_mb=...,runtime=...,gpu=...: what the Snakemake rule asked for
 DEFAULT_LOG_ROOT = "logs/submitit"
 # Once the scheduler says the job ended, wait this long for a (slow file system's)
 # result file, then fail: a scancelled or OOM-killed job never writes one.
 RESULT_GRACE_S = 30.0
-STATE_POLL_S = 3.0  # sacct/squeue calls while waiting
+# sacct/squeue while waiting: after 2, 4, 8... s, then once a minute. A finished job is seen by its
+# result file (checked every LOG_POLL_S, no scheduler call); the scheduler is asked only to catch a
+# job that died without one. submitit's own watcher backs off the same way (to 10 min, batched per
+# process; here each waiting process watches one job, so a cap of a minute bounds a dead job's wait).
+STATE_POLL_S = 2.0
+STATE_POLL_MAX_S = 60.0
 LOG_POLL_S = 1.0
 ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "RESIZING", "SUSPENDED",
                  "REQUEUE_HOLD", "REQUEUE_FED", "SIGNALING", "STAGE_OUT", "STOPPED", "RESV_DEL_HOLD"}
@@ -195,9 +201,7 @@ def run_stages(stage: str, fn: Callable, calls: list[dict], params: dict, checkp
 def _start(stage: str, fn: Callable, kwargs: dict, params: dict, mode: str, checkpointable: bool,
            log_root: str | Path | None):
     """(job, record): the call's job, reattached (slurm) or submitted now."""
-    from osv.params import resources_for
-
-    res = resources_for(params, stage)
+    res = job_resources(params, stage)
     tasks = res["nodes"] * res["tasks_per_node"]
     record = JobRecord(stage, kwargs, log_root)
     job = record.reattach(tasks, call_outputs(fn, kwargs)) if mode == "slurm" else None
@@ -210,6 +214,30 @@ def _start(stage: str, fn: Callable, kwargs: dict, params: dict, mode: str, chec
         record.write(job, folder)
         print(f"[osv {stage}] submitted {mode} job {job.job_id}, logs in {folder}", flush=True)
     return job, record
+
+
+def job_resources(params: dict, stage: str) -> dict:
+    """resources.<stage> of params, with what the front end asked for instead: the Snakemake rules
+    pass their mem_mb, runtime (minutes) and gpu resources (params' by default, or
+    --set-resources / --default-resources) as OSV_RESOURCES."""
+    from osv.params import resources_for
+
+    res = dict(resources_for(params, stage))
+    text = os.environ.get(ENV_RESOURCES, "").strip()
+    try:
+        asked = {k.strip(): float(v) for k, v in (item.split("=", 1) for item in text.split(",") if item.strip())}
+    except ValueError:
+        raise LaunchError(f"{ENV_RESOURCES}={text!r}: expected mem_mb=N,runtime=N,gpu=N") from None
+    unknown = set(asked) - {"mem_mb", "runtime", "gpu"}
+    if unknown or any(v < 0 for v in asked.values()):
+        raise LaunchError(f"{ENV_RESOURCES}={text!r}: expected non-negative mem_mb, runtime, gpu (got {sorted(asked)})")
+    if "mem_mb" in asked:
+        res["mem_gb"] = asked["mem_mb"] / 1024
+    if "runtime" in asked:
+        res["timeout_min"] = max(1, round(asked["runtime"]))
+    if "gpu" in asked:
+        res["gpus"] = round(asked["gpu"])
+    return res
 
 
 def call_outputs(fn: Callable, kwargs: dict) -> list[Path]:
@@ -436,20 +464,23 @@ def wait(job, stage: str, mode: str):
 
 
 def _poll_until_done(job, stage: str, mode: str, tail: LogTail) -> None:
-    ended_at, last_check, state = None, float("-inf"), None
+    ended_at, next_check, interval, state = None, time.monotonic() + STATE_POLL_S, STATE_POLL_S, None
     while not _results_ready(job):
         tail.pump()
         now = time.monotonic()
         if mode == "local":
             if job.done():
                 return  # _collect waits briefly for a result file, then raises
-        elif now - last_check >= STATE_POLL_S:
-            last_check, state = now, scheduler_state(job.job_id)
+        elif now >= next_check:
+            state = scheduler_state(job.job_id)
             ended = state is not None and state not in ACTIVE_STATES
             ended_at = (ended_at or now) if ended else None
-            if ended_at is not None and now - ended_at >= RESULT_GRACE_S:
-                raise LaunchError(_failure(job, stage, mode, f"ended in state {state} without a result "
-                                           f"(waited {RESULT_GRACE_S:.0f}s for one)"))
+            # a cancelled job never writes a result; any other end may, late, on a slow file system
+            if ended_at is not None and (state == "CANCELLED" or now - ended_at >= RESULT_GRACE_S):
+                waited = "" if state == "CANCELLED" else f" (waited {RESULT_GRACE_S:.0f}s for one)"
+                raise LaunchError(_failure(job, stage, mode, f"ended in state {state} without a result{waited}"))
+            interval = STATE_POLL_S if ended else min(2 * interval, STATE_POLL_MAX_S)
+            next_check = now + interval
         time.sleep(LOG_POLL_S)
 
 

@@ -14,6 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
 LOG_REDIRECT = re.compile(r" (2>&1 \| tee \S+|> \S+ 2>&1)$")
+# Snakemake's resources handed to the job (--set-resources); dvc repro submits params.yaml's
+RESOURCES = re.compile(r"^OSV_RESOURCES=mem_mb=\d+,runtime=\d+,gpu=\d+ ")
 # Snakemake fans these out into one job per part (docs/design.md "Fan-out"); `dvc repro` runs the
 # same command without --part (every part, submitted at once), then the gather.
 FANOUT = {"data_part": "data", "encode_part": "encode", "generate_part": "generate"}
@@ -38,7 +40,7 @@ def snakemake_jobs() -> dict:
         wildcards = dict(w.split("=", 1) for w in filter(None, fields.get("wildcards", "").split(", ")))
         wildcard = ", ".join(v if k != "part" else f"part={v}" for k, v in wildcards.items()) or None
         jobs[(rule, wildcard)] = (
-            LOG_REDIRECT.sub("", cmd.group(1)),
+            RESOURCES.sub("", LOG_REDIRECT.sub("", cmd.group(1))),
             set(filter(None, fields.get("input", "").split(", "))),
             set(fields["output"].split(", ")),
         )

@@ -43,6 +43,8 @@ def smoke_params(every_run: bool = False) -> dict:
     p["train"]["checkpoint_every"] = 2
     p["eval"].update(num_clips=4, batch_size=4)
     p["encode"].update(batch_size=4, shard_size=4)
+    p["claims"].update(seeds=2, batch_size=16, stage1_steps=5, stage2_steps=20, eval_points=64, eval_every=10,
+                       reference_steps=50)
     for res in p["resources"].values():
         res.update(mem_gb=2, cpus_per_task=1)
     return p
@@ -92,7 +94,9 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
     params["lgp"]["steps"] = 150  # long enough to be caught running and still run at the rerun (~30 s)
     repo = scratch_repo(tmp_path / "repo", params)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen(["snakemake", "--profile", "slurm"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    # Snakemake's own resource flags reach the SLURM jobs (params.yaml asks 2 GB for every stage here)
+    snakemake = ["snakemake", "--profile", "slurm", "--set-resources", "train:mem_mb=1536"]
+    first = subprocess.Popen(snakemake, cwd=repo, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
 
     def train_running():
@@ -106,7 +110,7 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
         first.wait(30)
     runs_before = sorted((repo / "runs").glob("*/checkpoints/step-*"))
     sh(["snakemake", "--unlock"], repo)
-    rerun = sh(["snakemake", "--profile", "slurm"], repo)
+    rerun = sh(snakemake, repo)
     assert "reattached to slurm job" in rerun or "reattached to slurm job" in "".join(
         p.read_text() for p in (repo / "logs" / "train").glob("*.log")), rerun[-3000:]
     kept = sorted((repo / "runs").glob("*/checkpoints/step-*"))  # nothing deleted (keep_last prunes old steps)
@@ -124,7 +128,7 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
                 | {f"osv-fvd-{m}" for m in methods})
 
     def our_jobs():
-        jobs = sh(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName%60,AllocTRES,State,Start,End,WorkDir"],
+        jobs = sh(["sacct", "-X", "-n", "-P", "-o", "JobID,JobName%60,AllocTRES,State,Start,End,ReqMem,WorkDir"],
                   repo).splitlines()
         return [j.split("|") for j in jobs if j.split("|")[-1].startswith(str(repo))]
 
@@ -136,6 +140,8 @@ def test_snakemake_profile_slurm_runs_the_dag(tmp_path, slurm_cluster):
         assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), (name, spans)
     gpu_jobs = [j for j in ours if not j[1].startswith(("osv-data", "osv-claims"))]
     assert all("gres/gpu=1" in j[2] for j in gpu_jobs), gpu_jobs
+    assert {j[6] for j in ours if j[1].startswith("osv-train-")} == {"1536M"}, ours
+    assert {j[6] for j in ours if not j[1].startswith("osv-train-")} == {"2G"}, ours
     logs = "".join(p.read_text() for p in (repo / "logs").rglob("*.log"))
     assert "slurm_job=" in logs and "CUDA_VISIBLE_DEVICES=<unset>" not in logs
     assert "CUDA_VISIBLE_DEVICES=0" in logs or "CUDA_VISIBLE_DEVICES=1" in logs
@@ -179,8 +185,8 @@ def test_snakemake_local_runs_every_run_and_method(tmp_path):
     jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.split("Job stats:", 1)[1], flags=re.M))
     assert {k: int(v) for k, v in jobs.items() if k != "total"} == {
         "teacher": 1, "train": len(params["train"]["runs"]), "generate_part": len(params["eval"]["methods"]),
-        "generate": len(params["eval"]["methods"]), "fvd": len(params["eval"]["methods"]), "report": 1, "all": 1
-    }, plan[-3000:]
+        "generate": len(params["eval"]["methods"]), "fvd": len(params["eval"]["methods"]), "claims": 1, "report": 1,
+        "all": 1}, plan[-3000:]  # the claims miniature trains through the package's samplers too
 
 
 def readme_block(title: str) -> list[str]:

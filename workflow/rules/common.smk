@@ -43,6 +43,21 @@ localrules:
     claims,
 
 
+def slurm_resources(stage):
+    """Snakemake's mem_mb, runtime (minutes) and gpu of a stage's job, from params.yaml's
+    resources.<stage> (a training run's override included). The rule hands them to osv as
+    OSV_RESOURCES, so `--set-resources train:mem_mb=...` and `--default-resources` reach the
+    SLURM job (osv.launch); dvc repro, which has no such flags, submits params.yaml's."""
+
+    def res(wildcards):
+        run = wildcards.get("run")
+        p = deep_merge(config, config["train"]["runs"][run].get("override", {})) if run else config
+        return resources_for(p, stage)
+
+    return dict(mem_mb=lambda wc: int(res(wc)["mem_gb"] * 1024), runtime=lambda wc: res(wc)["timeout_min"],
+                gpu=lambda wc: res(wc)["gpus"])
+
+
 def stage_params(stage):
     """The params values a stage reads (Snakemake reruns the instances whose values changed)."""
     if stage in ("train", "generate", "fvd"):

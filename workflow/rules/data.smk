@@ -10,12 +10,16 @@ rule data_part:
     params:
         deps=stage_params("data"),
     threads: stage_threads("data")
+    benchmark:
+        "benchmarks/data/part-{part}.tsv"
+    resources:
+        **slurm_resources("data"),
     log:
         "logs/data/part-{part}.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv data --params params.yaml --out data/clips --part {wildcards.part} > {log} 2>&1"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv data --params params.yaml --out data/clips --part {wildcards.part} > {log} 2>&1"
 
 
 rule data:
@@ -30,12 +34,16 @@ rule data:
     params:
         deps=stage_params("data"),
     threads: stage_threads("data")
+    benchmark:
+        "benchmarks/data.tsv"
+    resources:
+        **slurm_resources("data"),
     log:
         "logs/data.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv data --params params.yaml --out data/clips --gather 2>&1 | tee {log}"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv data --params params.yaml --out data/clips --gather 2>&1 | tee {log}"
 
 
 rule weights:
@@ -46,6 +54,8 @@ rule weights:
         timing="models/base.timing.json",
     params:
         deps=stage_params("weights"),
+    benchmark:
+        "benchmarks/weights.tsv"
     log:
         "logs/weights.log",
     conda:
@@ -65,13 +75,17 @@ rule vae:
         provenance="metrics/vae.provenance.json",
     params:
         deps=stage_params("vae"),
+    benchmark:
+        "benchmarks/vae.tsv"
+    resources:
+        **slurm_resources("vae"),
     log:
         "logs/vae.log",
     threads: stage_threads("vae")
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv vae --params params.yaml --base models/base --clips data/clips --out models/vae"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv vae --params params.yaml --base models/base --clips data/clips --out models/vae"
         " --metrics metrics/vae.json 2>&1 | tee {log}"
 
 
@@ -89,12 +103,16 @@ rule encode_part:
     params:
         deps=stage_params("encode"),
     threads: stage_threads("encode")
+    benchmark:
+        "benchmarks/encode/part-{part}.tsv"
+    resources:
+        **slurm_resources("encode"),
     log:
         "logs/encode/part-{part}.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv encode --params params.yaml --clips data/clips --base models/base --vae models/vae"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv encode --params params.yaml --clips data/clips --base models/base --vae models/vae"
         " --out data/latents --part {wildcards.part} > {log} 2>&1"
 
 
@@ -109,6 +127,8 @@ rule encode:
         timing="data/latents.timing.json",
     params:
         deps=stage_params("encode"),
+    benchmark:
+        "benchmarks/encode.tsv"
     log:
         "logs/encode.log",
     conda:

@@ -15,12 +15,16 @@ rule generate_part:
         deps=stage_params("generate"),
         model=method_model,
     threads: stage_threads("generate")
+    benchmark:
+        "benchmarks/generate/{method}/part-{part}.tsv"
+    resources:
+        **slurm_resources("generate"),
     log:
         "logs/generate/{method}/part-{part}.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv generate --params params.yaml --method {wildcards.method} --teacher models/teacher"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv generate --params params.yaml --method {wildcards.method} --teacher models/teacher"
         " --model {params.model} --latents data/latents --out samples/{wildcards.method}"
         " --part {wildcards.part} > {log} 2>&1"
 
@@ -43,6 +47,8 @@ rule generate:
     params:
         deps=stage_params("generate"),
         model=method_model,
+    benchmark:
+        "benchmarks/generate/{method}.tsv"
     log:
         "logs/generate/{method}.log",
     conda:
@@ -64,12 +70,16 @@ rule fvd:
     params:
         deps=stage_params("fvd"),
     threads: stage_threads("fvd")
+    benchmark:
+        "benchmarks/fvd/{method}.tsv"
+    resources:
+        **slurm_resources("fvd"),
     log:
         "logs/fvd/{method}.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv fvd --params params.yaml --method {wildcards.method} --samples samples/{wildcards.method}"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv fvd --params params.yaml --method {wildcards.method} --samples samples/{wildcards.method}"
         " --clips data/clips --base models/base --out metrics/eval/{wildcards.method}.json 2>&1 | tee {log}"
 
 
@@ -85,12 +95,16 @@ rule claims:
     params:
         deps=stage_params("claims"),
     threads: stage_threads("claims")
+    benchmark:
+        "benchmarks/claims.tsv"
+    resources:
+        **slurm_resources("claims"),
     log:
         "logs/claims.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv experiment claims --params params.yaml --out metrics/claims.json --plot reports/claims_curves.png"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv experiment claims --params params.yaml --out metrics/claims.json --plot reports/claims_curves.png"
         " --csv plots/claims.csv 2>&1 | tee {log}"
 
 

@@ -14,13 +14,17 @@ rule teacher:
         plots="plots/teacher.csv",
     params:
         deps=stage_params("teacher"),
+    benchmark:
+        "benchmarks/teacher.tsv"
+    resources:
+        **slurm_resources("teacher"),
     log:
         "logs/teacher.log",
     threads: stage_threads("teacher")
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv teacher --params params.yaml --base models/base --vae models/vae --latents data/latents"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv teacher --params params.yaml --base models/base --vae models/vae --latents data/latents"
         " --out models/teacher --metrics metrics/teacher.json --plots plots/teacher.csv 2>&1 | tee {log}"
 
 
@@ -42,11 +46,15 @@ rule train:
         init=init_folder,
     threads: stage_threads("train")
     priority: train_priority
+    benchmark:
+        "benchmarks/train/{run}.tsv"
+    resources:
+        **slurm_resources("train"),
     log:
         "logs/train/{run}.log",
     conda:
         "../envs/osv.yaml"
     shell:
-        "osv train --params params.yaml --run {wildcards.run} --teacher models/teacher --init {params.init}"
+        "OSV_RESOURCES=mem_mb={resources.mem_mb},runtime={resources.runtime},gpu={resources.gpu} osv train --params params.yaml --run {wildcards.run} --teacher models/teacher --init {params.init}"
         " --latents data/latents --ckpt runs/{wildcards.run} --out models/{wildcards.run}"
         " --metrics metrics/train/{wildcards.run}.json --plots plots/train/{wildcards.run}.csv 2>&1 | tee {log}"
