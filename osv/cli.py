@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-from osv import timing
+from osv import logs, timing
 from osv.launch import LaunchError
 from osv.numerics import NonFiniteError
 from osv.params import ParamsError
@@ -64,6 +64,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    logs.setup(stdout="--json" not in argv)  # before any command module imports tqdm; JSON stays parseable
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     timing.mark_work_start()  # start-up ends here: interpreter, imports, argument parsing
     try:

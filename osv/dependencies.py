@@ -43,7 +43,7 @@ STAGE_MODULES = {"data": "osv.data.prepare", "weights": "osv.weights", "vae": "o
 # Plumbing that decides where and how a stage runs, not what it computes: not a code dependency
 # (an edit to the launcher must not rerun days of training).
 PLUMBING = {"osv.cli", "osv.launch", "osv.params", "osv.atomic", "osv.provenance", "osv.dependencies",
-            "osv.hub", "osv.timing"}
+            "osv.hub", "osv.timing", "osv.logs"}
 
 
 def params_keys(stage: str, key: str | None = None, params: dict | None = None) -> list[str]:

@@ -92,9 +92,10 @@ class StageCall:
         self.stage, self.fn, self.kwargs, self.tasks = stage, fn, dict(kwargs), tasks
 
     def __call__(self):
-        from osv import timing
+        from osv import logs, timing
 
         timing.mark_work_start()  # the job's own start-up ends here: its interpreter, unpickling, imports
+        logs.setup()
         if self.tasks > 1:
             export_distributed_env()
         _use_allocated_cpus()
@@ -402,10 +403,11 @@ class LogTail:
             self.offsets[path] = size
             lines = (self.partial[path] + chunk).split("\n")
             self.partial[path] = lines.pop()
+            out = getattr(sys.stdout, "unstamped", sys.stdout)  # the job's lines carry its own timestamps
             for line in lines:
                 line = line.rstrip("\r").rsplit("\r", 1)[-1]  # progress bars: their last state
                 if line:
-                    print(f"{self.prefix}{line}", flush=True)
+                    print(f"{self.prefix}{line}", file=out, flush=True)
 
 
 def scheduler_state(job_id: str) -> str | None:

@@ -22,6 +22,7 @@ from osv.eval.features import (
     video_extractor,
 )
 from osv.eval.frechet import frechet_distance, frechet_from_features, gaussian_stats
+from osv.logs import unstamped
 from osv.numerics import INJECT_ENV
 from osv.params import load_params
 from osv.provenance import provenance_path, read_metrics
@@ -354,7 +355,7 @@ def test_nan_fvd_exits_3_and_writes_no_metrics(tmp_path, real_halves, monkeypatc
     assert main(["fvd", "--params", str(tmp_path / "params.yaml"), "--method", "osv_1", "--samples",
                  str(tmp_path / "samples"), "--clips", str(tmp_path / "clips"), "--base", str(tmp_path / "base"),
                  "--out", str(out), "--cache-dir", "", "--device", "cpu"]) == 3
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
+    lines = [unstamped(ln) for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
     assert len(lines) == 1 and lines[0].startswith("osv fvd: non-finite metric fvd=nan") and str(out) in lines[0]
     assert not out.exists() and not provenance_path(out).exists()
 

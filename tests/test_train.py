@@ -17,6 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from osv.logs import unstamped
+
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
     "data": {"frames": 4, "resolution": {"width": 32, "height": 32}, "low_resolution": {"width": 16, "height": 16}},
@@ -228,7 +230,7 @@ def test_nan_stops_run_and_last_checkpoint_loads(trained, tmp_path, monkeypatch,
             "--init", str(ws["teacher"]), "--latents", str(ws["latents"]), "--ckpt", str(root / "runs" / run),
             "--out", str(out), "--metrics", str(metrics), "--plots", str(root / f"plots/train/{run}.csv")]
     assert main(argv) == 3
-    lines = [ln for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
+    lines = [unstamped(ln) for ln in capsys.readouterr().err.splitlines() if "non-finite" in ln]
     assert len(lines) == 1 and lines[0].startswith("osv train: non-finite loss_g at step 3 (loss_g=nan)"), lines
     last = latest_checkpoint(root / "runs" / run)
     assert last is not None and last.name == "step-0000002"

@@ -27,14 +27,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     non-finite product) so tiny protocols still give a number; callers record
     the clip counts so such numbers are only compared within one protocol.
     """
+    import warnings
+
     from pytorch_fid.fid_score import calculate_frechet_distance
+    from scipy.linalg import LinAlgWarning
 
     args = [np.asarray(a, dtype=np.float64) for a in (mu1, sigma1, mu2, sigma2)]
-    try:
-        return float(calculate_frechet_distance(*args, eps=eps))
-    except ValueError:
-        offset = np.eye(args[1].shape[0]) * eps
-        return float(calculate_frechet_distance(args[0], args[1] + offset, args[2], args[3] + offset, eps=eps))
+    with warnings.catch_warnings():  # "Matrix is singular": expected with fewer clips than dimensions
+        warnings.simplefilter("ignore", LinAlgWarning)
+        try:
+            return float(calculate_frechet_distance(*args, eps=eps))
+        except ValueError:
+            offset = np.eye(args[1].shape[0]) * eps
+            return float(calculate_frechet_distance(args[0], args[1] + offset, args[2], args[3] + offset, eps=eps))
 
 
 def frechet_from_features(feats1: np.ndarray, feats2: np.ndarray) -> float:

@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from osv.logs import unstamped
 from osv.params import load_params
 
 # Keys that must agree for two FVD numbers to share a table (per-method hashes excluded).
@@ -130,9 +131,11 @@ def why_missing(method: str, methods: dict, logs: Path = Path("logs")) -> str:
     m = methods[method]
     runs = m.get("chain", [] if m["model"] == "teacher" else [m["model"]])
     paths = [logs / "teacher.log"] + [logs / "train" / f"{r}.log" for r in runs]
-    for path in (*paths, logs / "generate" / f"{method}.log", logs / "fvd" / f"{method}.log"):
+    parts = sorted((logs / "generate" / method).glob("part-*.log"))  # the fan-out's jobs (docs/design.md)
+    for path in (*paths, *parts, logs / "generate" / f"{method}.log", logs / "fvd" / f"{method}.log"):
         try:
-            errors = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ERROR_LINE.search(ln)]
+            lines = [unstamped(ln).strip() for ln in path.read_text(errors="replace").splitlines()]
+            errors = [ln for ln in lines if ERROR_LINE.search(ln)]
         except OSError:
             continue
         if errors:
