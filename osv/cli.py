@@ -52,7 +52,10 @@ HELP = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `command` (its module imported), or of the command list alone (nothing imported)."""
+    from osv import __version__
+
     parser = argparse.ArgumentParser(prog="osv", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"osv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command]).register(sub)
@@ -64,7 +67,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    logs.setup(stdout="--json" not in argv)  # before any command module imports tqdm; JSON stays parseable
+    # before any command module imports tqdm; JSON, --help and --version stay plain
+    logs.setup(stdout=bool(argv) and argv[0] in COMMANDS and "--json" not in argv)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     timing.mark_work_start()  # start-up ends here: interpreter, imports, argument parsing
     try:

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from osv.atomic import atomic_path
+from osv.hub import sha256_file
 
 STANDIN_SEED = 0
 STANDIN_SIZE = 64
@@ -63,14 +64,6 @@ STATS_WEIGHT = 10.0
 
 class WeightsError(RuntimeError):
     """A feature-extractor weights file that is missing or fails its hash check."""
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _he_weight(gen: torch.Generator, shape: tuple[int, ...], zero_mean_half: bool = False) -> torch.Tensor:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from osv import models
 from osv.atomic import atomic_path, write_json
 from osv.conditioning import from_batch
-from osv.hub import link_or_copy
+from osv.hub import link_or_copy, sha256_file
 from osv.launch import run_stage, run_stages
 from osv.numerics import injected, require_finite
 from osv.params import load_params
@@ -40,14 +40,6 @@ from osv.samplers import (
 from osv.sde import Denoiser, karras_sigmas, unet_network
 
 UNET_FILE = "diffusion_pytorch_model.safetensors"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def sample(method: dict, denoiser: Denoiser, cond, shape, generator, params: dict):
@@ -159,8 +151,8 @@ def generate_part(params: dict, method_name: str, teacher: str, model: str, late
     folder.mkdir(parents=True, exist_ok=True)
     receipt_path(out, part, jobs).unlink(missing_ok=True)
     unet_dir = Path(model) / "unet"
-    weights = {"unet_sha256": sha256(unet_dir / UNET_FILE),
-               "teacher_unet_sha256": sha256(Path(teacher) / "unet" / UNET_FILE)}
+    weights = {"unet_sha256": sha256_file(unet_dir / UNET_FILE),
+               "teacher_unet_sha256": sha256_file(Path(teacher) / "unet" / UNET_FILE)}
     all_ids = dataset.clip_ids()
     ids = {b: [str(all_ids[i]) for i in plan[b]] for b in mine}
     todo = [b for b in mine if _batch_done(folder, b, batch_fingerprint(params, method_name, weights, b, ids[b]))
