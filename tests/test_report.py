@@ -49,7 +49,10 @@ def metric(fvd: float, nfe: int, **protocol_changes) -> dict:
 
 
 def test_previews_written_and_readable(tmp_path):
+    from osv.eval.previews import LABEL_H
+
     clips = write_samples(tmp_path, 10)
+    (tmp_path / "meta.json").write_text(json.dumps({"method": "osv_1", "clip_ids": [f"test/c-{i}" for i in range(10)]}))
     gif, png = make_previews(tmp_path)
     with Image.open(gif) as im:
         assert im.n_frames == clips.shape[1]
@@ -57,11 +60,15 @@ def test_previews_written_and_readable(tmp_path):
         assert im.size == (4 * (48 + 2) + 2, 2 * (32 + 2) + 2)
         im.seek(3)
         assert np.asarray(im.convert("RGB")).std() > 0
-    with Image.open(png) as im:
-        assert im.size == (3 * (48 + 2) + 2, 8 * (32 + 2) + 2)
+    with Image.open(png) as im:  # a title strip, then per clip a label strip and its row of 3 frames
+        assert im.size == (3 * (48 + 2) + 2, LABEL_H + 8 * (LABEL_H + 32 + 2 + 2))
         sheet = np.asarray(im.convert("RGB"))
-    first, last = sheet[2:34, 2:50].astype(int), sheet[2:34, 2 + 2 * 50:50 + 2 * 50].astype(int)
+    top = 2 * LABEL_H + 2  # clip 0's frames
+    first, last = sheet[top:top + 32, 2:50].astype(int), sheet[top:top + 32, 2 + 2 * 50:50 + 2 * 50].astype(int)
     assert np.abs(first - last).mean() > 1  # first and last frame differ: the square moved
+    labels = [sheet[LABEL_H + k * (LABEL_H + 36):][:LABEL_H] for k in range(2)]  # clip k's label
+    assert all((label < 128).any() for label in labels)  # text drawn in each label strip
+    assert np.abs(labels[0].astype(int) - labels[1]).sum() > 0  # the clip ids differ
 
 
 def test_previews_need_clips(tmp_path):
@@ -102,7 +109,7 @@ def project(tmp_path):
     for run in ("stage1", "stage2"):
         with (train / f"{run}.csv").open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(["step", "loss_g", "loss_d", "lr", "note"])
+            writer.writerow(["step", "loss_distance", "loss_d_real", "lr", "note"])
             for step in range(5):
                 writer.writerow([step, 1.0 / (step + 1), 0.5, 5e-6, "x"])
     write_samples(tmp_path / "samples" / "osv_1", 3)
@@ -290,3 +297,55 @@ def test_teacher_worth_distilling_ode_match_and_absorption(tmp_path):
     assert summary["methods"]["teacher_25"]["frame0_psnr"] == 19.0
     # the unguided teacher is not a point of the CFG teacher's FVD-vs-NFE curve
     assert "teacher_1_nocfg" not in (tmp_path / "plots" / "fvd_vs_nfe.csv").read_text()
+
+
+def curve_runs() -> dict:
+    nan = float("nan")
+    teacher = {"step": [0, 1, 2, 3, 4], "loss": [nan, 0.9, 0.8, 0.7, nan], "heldout_loss": [1.0, nan, nan, nan, 0.6]}
+    runs = {r: {"step": [1, 2, 3], "loss_distance": [0.2, 0.1, 0.05], "loss_d_real": [1.0, 0.9, 1.1],
+                "lr": [5e-4] * 3} for r in ("stage1", "stage2")}
+    return {"teacher": teacher, **runs}
+
+
+def test_train_curves_one_colour_per_run_labels_legend_and_markers():
+    """A run keeps its colour in every panel; every panel has a y label; one figure legend; a metric
+    logged at a few steps (held-out) is drawn as markers; a panel without data is left out."""
+    import matplotlib.pyplot as plt
+
+    from osv.eval.report import train_curves_figure
+
+    panels = [("distance", ("loss_distance",), "distance (latent units)"), ("nothing", ("absent",), "none"),
+              ("disc", ("loss_d_real",), "hinge loss"), ("teacher", ("loss", "heldout_loss"), "MSE")]
+    fig = train_curves_figure(curve_runs(), panels)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["distance", "disc", "teacher"]
+    assert [ax.get_ylabel() for ax in axes] == ["distance (latent units)", "hinge loss", "MSE"]
+    colours = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label().split(" (")[0], set()).add(tuple(line.get_color()))
+    assert all(len(c) == 1 for c in colours.values()), colours
+    assert len({next(iter(c)) for c in colours.values()}) == 3  # teacher, stage1, stage2: three colours
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in axes)
+    entries = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert entries == ["teacher", "stage1", "stage2", "held-out evaluation"]
+    held = next(ln for ln in axes[2].get_lines() if ln.get_label() == "teacher (heldout_loss)")
+    assert held.get_linestyle() == "None" and held.get_marker() == "o" and list(held.get_xdata()) == [0, 4]
+    loss = next(ln for ln in axes[2].get_lines() if ln.get_label() == "teacher (loss)")
+    assert loss.get_linestyle() == "-" and list(loss.get_xdata()) == [1, 2, 3]
+    plt.close(fig)
+    assert train_curves_figure(curve_runs(), panels[1:2]) is None  # nothing to draw: no figure
+
+
+def test_train_curves_draw_the_columns_dvc_plots_draws():
+    """reports/train_curves.png and `dvc plots` show the same curves: every y column of the teacher
+    and train stages' `plots:` in dvc.yaml is a panel of CURVE_PANELS (which adds only held-out markers)."""
+    import yaml
+
+    from osv.eval.report import CURVE_PANELS
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    dvc = {c for entries in (stages["teacher"]["plots"], stages["train"]["do"]["plots"])
+           for entry in entries for spec in entry.values() for c in np.atleast_1d(spec["y"])}
+    ours = {c for _, columns, _ in CURVE_PANELS for c in columns}
+    assert dvc <= ours and ours - dvc <= {"heldout_loss"}, (dvc, ours)

@@ -39,13 +39,14 @@ def register(subparsers) -> None:
     p.add_argument("--metrics", default="metrics", help="folder with eval/<method>.json, vae.json, teacher.json")
     p.add_argument("--samples", default="samples", help="folder with <method>/preview.gif, contact.png")
     p.add_argument("--plots", default="plots", help="reads plots/train/*.csv, writes plots/fvd_vs_nfe.csv")
+    p.add_argument("--clips", default="data/clips", help="the real test clips, shown beside the samples")
     p.add_argument("--out", default="reports")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     params = load_params(args.params)
-    path = write_report(params, args.metrics, args.samples, args.plots, args.out)
+    path = write_report(params, args.metrics, args.samples, args.plots, args.out, args.clips)
     print(f"wrote {path}")
     return 0
 
@@ -608,55 +609,141 @@ def read_numeric_csv(path: Path) -> dict[str, list[float]]:
     return cols
 
 
-def write_train_curves(train_dir: Path, png_path: Path) -> list[str]:
-    """One panel per numeric column (x = step or row index), one line per run (plots/train/*.csv and
-    plots/teacher.csv); returns the run names."""
-    files = sorted(train_dir.glob("*.csv"))
-    teacher = train_dir.parent / "teacher.csv"  # the teacher stage's curve, beside plots/train
-    runs = {p.stem: read_numeric_csv(p) for p in ([teacher] if teacher.exists() else []) + files}
-    runs = {k: v for k, v in runs.items() if v}
-    if not runs:
-        return []
+# The panels of reports/train_curves.png: (title, CSV columns, y label). They are the columns
+# `dvc plots` draws (dvc.yaml: the teacher stage's plots/teacher.csv y = loss, the train stage's
+# plots/train/<run>.csv y = loss_distance), plus the teacher's held-out loss, which the teacher
+# writes every teacher.eval_every steps only and is drawn as markers on the loss panel.
+CURVE_PANELS = [
+    ("teacher: denoising loss", ("loss", "heldout_loss"), "EDM λ(σ)-weighted MSE (σ_data = 1, unitless)"),
+    ("distillation: distance to target", ("loss_distance",), "pseudo-Huber distance (latent units)"),
+]
+
+
+def run_colors(runs: list[str]) -> dict[str, tuple]:
+    """One colour per run, the same in every panel: tab10, or tab20's dark shades before its light
+    ones for more than 10 runs (tab20's neighbours are two shades of one hue)."""
+    import matplotlib
+
+    if len(runs) <= 10:
+        palette = matplotlib.colormaps["tab10"].colors
+    else:
+        tab20 = matplotlib.colormaps["tab20"].colors
+        palette = tab20[0::2] + tab20[1::2]
+    return {run: palette[i % len(palette)] for i, run in enumerate(runs)}
+
+
+def sparse(values: list[float]) -> bool:
+    """A column logged at a few steps only (held-out evaluations): drawn as markers, since a line
+    between points separated by empty cells draws nothing."""
+    finite = sum(v == v for v in values)  # NaN != NaN
+    return 0 < finite < len(values) / 2
+
+
+def train_curves_figure(runs: dict[str, dict[str, list[float]]], panels=CURVE_PANELS):
+    """The figure of write_train_curves: one panel per entry of `panels` with data (x = step),
+    one colour per run across panels, one figure legend. None when no panel has data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    def points(cols, column):
+        x = cols.get("step", list(range(len(cols[column]))))
+        return [(a, b) for a, b in zip(x, cols[column]) if b == b]
+
+    drawn = [p for p in panels if any(points(cols, c) for cols in runs.values() for c in p[1] if c in cols)]
+    if not drawn:
+        return None
+    colors = run_colors(list(runs))
+    fig, axes = plt.subplots(1, len(drawn), figsize=(5 * len(drawn) + 2, 3.6), squeeze=False, layout="constrained")
+    shown, markers = set(), False
+    for ax, (title, columns, ylabel) in zip(axes.flat, drawn):
+        for run, cols in runs.items():
+            for column in (c for c in columns if c in cols and points(cols, c)):
+                x, y = zip(*points(cols, column))
+                if sparse(cols[column]):
+                    ax.plot(x, y, linestyle="none", marker="o", markersize=5, color=colors[run],
+                            markeredgecolor="black", label=f"{run} ({column})")
+                    markers = True
+                else:
+                    ax.plot(x, y, linewidth=1, color=colors[run], label=f"{run} ({column})")
+                shown.add(run)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    handles = [Line2D([], [], color=colors[r], linewidth=2, label=r) for r in runs if r in shown]
+    if markers:
+        handles.append(Line2D([], [], linestyle="none", marker="o", color="gray", markeredgecolor="black",
+                              label="held-out evaluation"))
+    fig.legend(handles=handles, loc="outside right upper", fontsize=9, title="run")
+    return fig
+
+
+def write_train_curves(train_dir: Path, png_path: Path) -> list[str]:
+    """reports/train_curves.png from plots/teacher.csv and plots/train/*.csv: the columns `dvc plots`
+    draws (teacher loss, each run's loss_distance) and the teacher's held-out loss (CURVE_PANELS);
+    returns the runs, the teacher first."""
+    teacher = train_dir.parent / "teacher.csv"  # the teacher stage's curve, beside plots/train
+    files = ([teacher] if teacher.exists() else []) + sorted(train_dir.glob("*.csv"))
+    runs = {p.stem: cols for p in files if (cols := read_numeric_csv(p))}
+    fig = train_curves_figure(runs)
+    if fig is None:
+        return []
+    import matplotlib.pyplot as plt
 
     from osv.atomic import atomic_path
 
-    columns = sorted({c for cols in runs.values() for c in cols if c != "step"})
-    ncols = min(3, len(columns)) or 1
-    nrows = -(-len(columns) // ncols) or 1
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
-    for ax, column in zip(axes.flat, columns):
-        for run, cols in runs.items():
-            if column in cols:
-                x = cols.get("step", list(range(len(cols[column]))))
-                ax.plot(x, cols[column], label=run, linewidth=1)
-        ax.set_title(column, fontsize=9)
-        ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(columns):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=6)
-    fig.tight_layout()
     with atomic_path(png_path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100)
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    return sorted(runs)
+    return list(runs)
 
 
 # ---------------------------------------------------------------- previews and other metrics
 
-def previews_section(samples: Path, out: Path, methods: dict) -> str:
+def write_comparisons(samples: Path, clips: Path | None, out: Path, methods: dict) -> dict[str, tuple | str]:
+    """reports/previews/M.png and M.gif (samples beside their real test clips) per method with
+    samples, or why not; {} without a folder of real clips (a partial report before `osv data`)."""
+    from osv.eval.previews import compare_with_real
+    from osv.video import VideoError
+
+    if clips is None or not clips.is_dir():
+        return {}
+    (out / "previews").mkdir(parents=True, exist_ok=True)  # the stage's output folder, even if empty
+    cache: dict = {}  # the real clips, decoded once for all methods
+    compared = {}
+    for name in (m for m in methods if (samples / m).is_dir()):
+        try:
+            compared[name] = compare_with_real(samples / name, clips, out / "previews", name, cache=cache)
+        except VideoError as exc:  # a preview is not worth losing the report over
+            compared[name] = str(exc)
+    return compared
+
+
+def previews_section(samples: Path, out: Path, methods: dict, compared: dict | None = None) -> str:
+    """The featured OSV method's samples beside the real clips (else its samples alone), and links to
+    every method's previews."""
+    compared = compared or {}
     lines = []
-    featured = next((m for m in ("osv_tts", "osv_1") if (samples / m / "preview.gif").exists()), None)
+    featured = next((m for m in ("osv_tts", "osv_1") if isinstance(compared.get(m), tuple)), None)
     if featured:
+        png, gif = (os.path.relpath(p, out) for p in compared[featured])
+        lines.append(f"OSV (`{featured}`) beside the real test clips it started from (left: generated, right: "
+                     f"real; first clips):\n\n![{featured} beside real clips]({gif})\n\n"
+                     f"![{featured} beside real clips, frames]({png})\n")
+    elif featured := next((m for m in ("osv_tts", "osv_1") if (samples / m / "preview.gif").exists()), None):
         rel = os.path.relpath(samples / featured / "preview.gif", out)
         lines.append(f"OSV (`{featured}`), first clips:\n\n![{featured} preview]({rel})\n")
     for name in methods:
+        pair = compared.get(name)
+        links = [f"[beside real {p.suffix[1:]}]({os.path.relpath(p, out)})" for p in pair] \
+            if isinstance(pair, tuple) else []
         gif, png = samples / name / "preview.gif", samples / name / "contact.png"
-        links = [f"[{p.name}]({os.path.relpath(p, out)})" for p in (gif, png) if p.exists()]
-        lines.append(f"- `{name}`: " + (", ".join(links) if links else "no previews (samples not generated)"))
+        links += [f"[{p.name}]({os.path.relpath(p, out)})" for p in (gif, png) if p.exists()]
+        why = f" (no side-by-side: {pair})" if isinstance(pair, str) and links else ""
+        lines.append(f"- `{name}`: " + (", ".join(links) + why if links else "no previews (samples not generated)"))
     return "\n".join(lines) + "\n"
 
 
@@ -708,7 +795,7 @@ def claims_section(metrics_dir: Path, level: float) -> tuple[str, dict]:
     return text, {cid: c["verdict"] for cid, c in claims["claims"].items()}
 
 
-def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> Path:
+def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir, clips_dir=None) -> Path:
     from osv.atomic import write_text
     from osv.paper import PAPER_PROTOCOL
     from osv.provenance import record, write_metrics
@@ -721,6 +808,7 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir) -> 
     write_fvd_vs_nfe(fvd_vs_nfe_rows(same, methods), plots_dir / "fvd_vs_nfe.csv", out / "fvd_vs_nfe.png",
                      reference)
     runs = write_train_curves(plots_dir / "train", out / "train_curves.png")
+    compared = write_comparisons(samples_dir, clips_dir and Path(clips_dir), out, methods)
     summary = {n: {k: m.get(k) for k in ("fvd", "fid", "kvd", "nfe", "sec_per_video") if m.get(k) is not None}
                for n, m in same.items()}
     boot = params["eval"]["bootstrap"]
@@ -776,7 +864,7 @@ once here; the paper's columns come from {PAPER_PROTOCOL}. The two protocols dif
 {other_protocol_section(metrics, other)}
 ## Previews
 
-{previews_section(samples_dir, out, methods)}
+{previews_section(samples_dir, out, methods, compared)}
 ## Training curves
 
 {curves}

@@ -113,6 +113,8 @@ rule report:
         expand("metrics/eval/{method}.json", method=METHODS),
         expand("samples/{method}", method=METHODS),  # teacher-ODE match, guidance absorption
         expand("plots/train/{run}.csv", run=RUNS),
+        "plots/teacher.csv",
+        "data/clips",  # the real test clips shown beside the samples (reports/previews)
         "metrics/vae.json",
         "metrics/teacher.json",
         "metrics/claims.json",
@@ -121,15 +123,18 @@ rule report:
         report("reports/results.md", caption="../report/results.rst", category="Results"),
         report("reports/fvd_vs_nfe.png", caption="../report/fvd_vs_nfe.rst", category="Results"),
         report("reports/train_curves.png", caption="../report/train_curves.rst", category="Training"),
+        directory("reports/previews"),
         "reports/metrics.json",
         "reports/metrics.provenance.json",
         "plots/fvd_vs_nfe.csv",
     params:
         deps=stage_params("report"),
+    benchmark:
+        "benchmarks/report.tsv"
     log:
         "logs/report.log",
     conda:
         "../envs/osv.yaml"
     shell:
         "osv report --params params.yaml --metrics metrics --samples samples --plots plots"
-        " --out reports 2>&1 | tee {log}"
+        " --clips data/clips --out reports 2>&1 | tee {log}"
