@@ -30,6 +30,7 @@ COMMANDS = {
     "report": "osv.eval.report",
     "bench": "osv.bench",
     "experiment": "osv.experiments.claims",
+    "push": "osv.push",
 }
 
 # command name -> its help line, as its module's register() words it (tests/test_timing.py checks):
@@ -47,6 +48,7 @@ HELP = {
     "report": "results.md, FVD-vs-NFE and training-curve plots",
     "bench": "micro-benchmarks",
     "experiment": "The paper's claims on a miniature with an exact teacher.",
+    "push": "upload models/RUN (pipeline, card) to a Hugging Face hub repo",
 }
 
 

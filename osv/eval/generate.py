@@ -280,6 +280,9 @@ def command(args) -> int:
     params = load_params(args.params)
     if args.method not in params["eval"]["methods"]:
         raise SystemExit(f"osv generate: unknown method {args.method!r} (eval.methods: {sorted(params['eval']['methods'])})")
+    # the DAG's paths, from the method (the flags override them)
+    args.model = args.model or f"models/{params['eval']['methods'][args.method]['model']}"
+    args.out = args.out or f"samples/{args.method}"
     jobs = resources_for(params, "generate")["jobs"]
     if args.part is not None and not 0 <= args.part < jobs:
         raise SystemExit(f"osv generate: --part {args.part} is not in 0..{jobs - 1} (resources.generate.jobs = {jobs})")
@@ -303,9 +306,10 @@ def register(sub) -> None:
     p.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     p.add_argument("--method", required=True, help="a method of eval.methods")
     p.add_argument("--teacher", default="models/teacher", help="teacher pipeline folder (its VAE decodes; default: %(default)s)")
-    p.add_argument("--model", required=True, help="models/teacher or models/RUN (a folder with unet/)")
+    p.add_argument("--model", default=None,
+                   help="the sampled model's folder (default: models/<eval.methods.METHOD.model>, i.e. models/teacher or models/RUN)")
     p.add_argument("--latents", default="data/latents", help="latent folder (default: %(default)s)")
-    p.add_argument("--out", required=True, help="samples folder, e.g. samples/METHOD")
+    p.add_argument("--out", default=None, help="samples folder (default: samples/METHOD)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--part", type=int, default=None,
                      help="sample only job PART (0-based) of resources.generate.jobs into samples/.parts/METHOD "
