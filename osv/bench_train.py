@@ -13,7 +13,7 @@ build_nets reads a weightless folder holding only config.json files, and osv.mod
 load_unet / load_vae / load_dinov2 are swapped, for the build, for loaders that construct the
 model from that config directly on the device. --shape small: osv/configs (params.yaml's
 embedded scale); --shape svd: SVD img2vid's UNet (diffusers' default
-UNetSpatioTemporalConditionModel config = SVD_UNET_PUBLISHED below), SVD's VAE (osv.models.SVD_VAE)
+UNetSpatioTemporalConditionModel config = osv.models.SVD_UNET_PUBLISHED), SVD's VAE (osv.models.SVD_VAE)
 and DINOv2-small, with the paper's params (workflow/scales/paper.yaml: LoRA rank 64, m = 5,
 bf16, gradient checkpointing).
 
@@ -37,22 +37,6 @@ from pathlib import Path
 STAGES = {"lgp": ("lgp", "latent"), "acd": ("acd", "latent"), "lgp_vae": ("lgp", "vae"), "acd_vae": ("acd", "vae")}
 DEFAULT_PARAMS = {"small": "params.yaml", "svd": "workflow/scales/paper.yaml"}
 DTYPES = ("fp32", "bf16", "fp16")
-
-# stabilityai/stable-video-diffusion-img2vid(-xt) unet/config.json, the keys that set the
-# architecture; diffusers' default UNetSpatioTemporalConditionModel() config has exactly these
-# (tests/test_bench.py checks). Its other keys are metadata the forward does not read:
-# num_frames (the forward takes T from the input; default 25 = img2vid-xt's) and sample_size.
-SVD_UNET_PUBLISHED = {
-    "in_channels": 8, "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
-                         "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
-    "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
-                       "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
-    "block_out_channels": [320, 640, 1280, 1280], "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 768, "layers_per_block": 2, "cross_attention_dim": 1024,
-    "transformer_layers_per_block": 1, "num_attention_heads": [5, 10, 20, 20],
-}
-
 
 def add_args(parser) -> None:
     if "--params" not in parser._option_string_actions:
@@ -81,24 +65,11 @@ def add_args(parser) -> None:
 # ----------------------------------------------------------------------------- models from configs
 
 
-def svd_unet_config() -> dict:
-    """diffusers' default UNetSpatioTemporalConditionModel config (SVD img2vid's), without building it."""
-    import inspect
-
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    sig = inspect.signature(UNetSpatioTemporalConditionModel.__init__)
-    return {k: list(v.default) if isinstance(v.default, tuple) else v.default
-            for k, v in sig.parameters.items() if k != "self"}
-
-
 def model_configs(shape: str, frames: int) -> dict:
     """{'unet', 'vae', 'dinov2'} constructor configs of a shape."""
-    from osv.models import SVD_VAE, small_config
+    from osv.models import DINOV2_SMALL, SVD_VAE, small_config, svd_unet_config
 
     if shape == "svd":
-        from osv.bench_disc import DINOV2_SMALL
-
         return {"unet": svd_unet_config(), "vae": dict(SVD_VAE), "dinov2": dict(DINOV2_SMALL)}
     return {"unet": {**small_config("unet"), "num_frames": frames}, "vae": small_config("vae"),
             "dinov2": small_config("dinov2")}

@@ -342,7 +342,7 @@ def encode_all(params: dict, clips: str, base: str, vae: str, out: str, jobs: in
     return gather(params, clips, out, jobs)
 
 
-def _command(args) -> int:
+def command(args) -> int:
     from osv.launch import run_stage, run_stages
     from osv.params import load_params, resources_for
 
@@ -373,4 +373,4 @@ def register(subparsers) -> None:
                      help="encode only job PART (0-based) of resources.encode.jobs and write its receipt "
                           "(default: every part, then the index)")
     how.add_argument("--gather", action="store_true", help="only write index.json from the parts' receipts")
-    p.set_defaults(func=_command)
+    p.set_defaults(func=command)

@@ -1,6 +1,7 @@
-"""Model folders: build the small embedded-scale models, load any scale through from_pretrained.
+"""Model folders: build the small embedded-scale models or SVD img2vid's architecture with random
+weights (weights.architecture small | svd), load any scale through from_pretrained.
 
-Layout (both scales), so every later stage loads exactly as it would load SVD:
+Layout (every scale), so every later stage loads exactly as it would load SVD:
   <folder>/model_index.json, unet/, vae/, image_encoder/, feature_extractor/, scheduler/
     -- a StableVideoDiffusionPipeline folder (models/base, models/teacher)
   models/dinov2/ -- a transformers Dinov2Model folder
@@ -27,6 +28,50 @@ SVD_SCHEDULER = dict(
 SVD_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
                block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
                sample_size=768, scaling_factor=0.18215)
+
+
+# stabilityai/stable-video-diffusion-img2vid(-xt) unet/config.json, the keys that set the
+# architecture; diffusers' default UNetSpatioTemporalConditionModel() config has exactly these
+# (tests/test_bench.py checks). Its other keys are metadata the forward does not read:
+# num_frames (the forward takes T from the input; img2vid publishes 14, the diffusers default
+# 25 is img2vid-xt's) and sample_size (96 = 768 px / 8, the pipeline's default size).
+SVD_UNET_PUBLISHED = {
+    "in_channels": 8, "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal",
+                         "CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"],
+    "up_block_types": ["UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal",
+                       "CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"],
+    "block_out_channels": [320, 640, 1280, 1280], "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 768, "layers_per_block": 2, "cross_attention_dim": 1024,
+    "transformer_layers_per_block": 1, "num_attention_heads": [5, 10, 20, 20],
+}
+SVD_UNET_SAMPLE_SIZE = 96
+
+# stabilityai/stable-video-diffusion-img2vid image_encoder/config.json: OpenCLIP ViT-H/14's vision
+# tower (CLIPVisionModelWithProjection, 632M parameters); its other keys are transformers'
+# CLIPVisionConfig defaults (num_channels 3, dropouts 0, initializer_range 0.02).
+SVD_IMAGE_ENCODER = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                         patch_size=14, image_size=224, projection_dim=1024, hidden_act="gelu",
+                         layer_norm_eps=1e-5)
+
+# SVD's feature_extractor/preprocessor_config.json: CLIPImageProcessor's defaults (OpenAI CLIP
+# mean/std, bicubic, shortest edge and centre crop 224); the small pipeline ships the same.
+SVD_FEATURE_EXTRACTOR = dict(crop_size=224, size={"shortest_edge": 224})
+
+# facebook/dinov2-small config.json (22M parameters): the discriminator backbone of the svd architecture.
+DINOV2_SMALL = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4,
+                    patch_size=14, image_size=518, layerscale_value=1.0)
+
+
+def svd_unet_config() -> dict:
+    """diffusers' default UNetSpatioTemporalConditionModel config (SVD img2vid's), without building it."""
+    import inspect
+
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    sig = inspect.signature(UNetSpatioTemporalConditionModel.__init__)
+    return {k: list(v.default) if isinstance(v.default, tuple) else v.default
+            for k, v in sig.parameters.items() if k != "self"}
 
 
 def small_config(name: str) -> dict:
@@ -69,16 +114,75 @@ def build_small_dinov2(seed: int = 0):
 
 def build_small_pipeline(seed: int = 0, num_frames: int | None = None):
     """A StableVideoDiffusionPipeline of randomly initialised small parts."""
-    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
-    from transformers import CLIPImageProcessor
+    from diffusers import StableVideoDiffusionPipeline
 
     return StableVideoDiffusionPipeline(
         vae=build_small_vae(seed),
         image_encoder=build_small_image_encoder(seed + 1),
         unet=build_small_unet(seed + 2, num_frames),
-        scheduler=EulerDiscreteScheduler(**SVD_SCHEDULER),
-        feature_extractor=CLIPImageProcessor(crop_size=224, size={"shortest_edge": 224}),
+        scheduler=build_scheduler(),
+        feature_extractor=build_feature_extractor(),
     )
+
+
+def build_scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(**SVD_SCHEDULER)
+
+
+def build_feature_extractor():
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(**SVD_FEATURE_EXTRACTOR)
+
+
+def build_svd_unet(seed: int = 0, num_frames: int | None = None):
+    """SVD img2vid's UNet (1.5B parameters, 6.1 GB fp32), randomly initialised."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    cfg = {**svd_unet_config(), "sample_size": SVD_UNET_SAMPLE_SIZE}
+    if num_frames is not None:
+        cfg["num_frames"] = num_frames
+    torch.manual_seed(seed)
+    return UNetSpatioTemporalConditionModel(**cfg)
+
+
+def build_svd_vae(seed: int = 0):
+    from diffusers import AutoencoderKLTemporalDecoder
+
+    torch.manual_seed(seed)
+    return temporal_convs_as_conv2d(AutoencoderKLTemporalDecoder(**SVD_VAE))
+
+
+def build_svd_image_encoder(seed: int = 0):
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**SVD_IMAGE_ENCODER))
+
+
+def build_dinov2_small(seed: int = 0):
+    from transformers import Dinov2Config, Dinov2Model
+
+    torch.manual_seed(seed)
+    return Dinov2Model(Dinov2Config(**DINOV2_SMALL))
+
+
+# weights.architecture -> part -> builder(seed[, num_frames]); the pipeline parts of osv weights
+BUILDERS = {
+    "small": {"vae": build_small_vae, "image_encoder": build_small_image_encoder, "unet": build_small_unet,
+              "dinov2": build_small_dinov2},
+    "svd": {"vae": build_svd_vae, "image_encoder": build_svd_image_encoder, "unet": build_svd_unet,
+            "dinov2": build_dinov2_small},
+}
+
+
+def pipeline_index(folder: str | Path) -> None:
+    """Write the model_index.json of a StableVideoDiffusionPipeline folder, as save_pretrained writes
+    it first. It names the parts' classes only, the same for both architectures, so the small
+    pipeline (built in a second) stands in for the big one."""
+    build_small_pipeline().save_config(str(folder))
 
 
 def load_pipeline(folder: str | Path, unet_folder: str | Path | None = None):

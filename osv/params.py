@@ -212,6 +212,8 @@ def _stage2_rules(p: dict) -> list[str]:
 
 
 def _dinov2_blocks(weights: dict) -> tuple[int | None, str]:
+    if weights["source"] == "config" and weights["architecture"] == "svd":  # osv.models.DINOV2_SMALL
+        return HUB_DINOV2_LAYERS["facebook/dinov2-small"], "DINOv2-small, weights.architecture svd"
     if weights["source"] == "config":
         config = json.loads((resources.files("osv") / "configs" / "small_dinov2.json").read_text())
         return config["num_hidden_layers"], "osv/configs/small_dinov2.json"

@@ -74,6 +74,8 @@ def _torch_version() -> str | None:
 
 def weights_description(params: dict) -> str:
     w = params["weights"]
+    if w["source"] == "config" and w["architecture"] == "svd":
+        return "SVD img2vid architecture, random init (NOT the real SVD/DINOv2 weights): paper-smoke, not a result"
     if w["source"] == "config":
         return "small models built from osv/configs with random weights (embedded default, not SVD)"
     return f"{w['teacher']['repo_id']}@{w['teacher']['revision']}"

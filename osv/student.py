@@ -132,7 +132,7 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     for key, value in model.state_dict().items():
         if ".lora_" in key:
             continue
-        state[key.replace(".base_layer.", ".")] = value.detach().clone()
+        state[key.replace(".base_layer.", ".")] = value.detach()  # shared, not copied: 6 GB at SVD size
     for name, module in lora_prefixes.items():
         key = f"{name}.weight"
         with torch.no_grad():
@@ -143,12 +143,13 @@ def merged_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_student(model: torch.nn.Module):
-    """A fresh UNetSpatioTemporalConditionModel with the LoRA merged; the student is left untouched."""
+    """A fresh UNetSpatioTemporalConditionModel with the LoRA merged; the student is left untouched.
+    Built on the meta device and given the merged tensors (assign=True): no random init, and the
+    weights without LoRA share the student's storage, so exporting the 1.5B-parameter SVD UNet
+    costs the merged LoRA layers, not two more copies of the model."""
     from diffusers import UNetSpatioTemporalConditionModel
 
-    param = next(model.parameters())
-    unet = UNetSpatioTemporalConditionModel.from_config(model.config)
-    unet.load_state_dict(merged_state_dict(model), strict=True)
-    if param.dtype != unet.dtype:
-        unet = unet.to(dtype=param.dtype)
-    return unet.to(device=param.device).eval()
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel.from_config(model.config)
+    unet.load_state_dict(merged_state_dict(model), strict=True, assign=True)
+    return unet.eval()

@@ -237,7 +237,7 @@ def vae_job(params: dict, base: str, clips: str, out: str, metrics: str) -> dict
     return make_vae(params, base, clips, out, metrics)
 
 
-def _command(args) -> int:
+def command(args) -> int:
     from osv.launch import run_stage
     from osv.params import load_params
 
@@ -255,4 +255,4 @@ def register(subparsers) -> None:
     p.add_argument("--clips", default="data/clips", help="the data stage's clips (default: %(default)s)")
     p.add_argument("--out", default="models/vae", help="output VAE folder (default: %(default)s)")
     p.add_argument("--metrics", default="metrics/vae.json", help="metrics file (default: %(default)s)")
-    p.set_defaults(func=_command)
+    p.set_defaults(func=command)

@@ -1,7 +1,11 @@
 """`osv weights`: the base models every later stage starts from (models/base).
 
-weights.source == "config" (embedded scale, offline): the small pipeline and DINOv2 built
-from osv/configs with a fixed seed, randomly initialised, saved with save_pretrained.
+weights.source == "config" (offline): randomly initialised models from a fixed seed
+(weights.config_seed), saved part by part as save_pretrained saves a pipeline. The
+weights.architecture small (embedded scale): the small pipeline and DINOv2 of osv/configs.
+svd (paper-smoke scale): SVD img2vid's real architecture (UNet 1.5B, VAE, CLIP ViT-H/14
+image encoder, scheduler, feature extractor) and DINOv2-small's, from the configs in
+osv.models, NOT the real weights; one model in memory at a time (the UNet is 6.1 GB fp32).
 weights.source == "hub" (paper scale): SVD img2vid, DINOv2 and StyleGAN-V's I3D at pinned
 revisions, through osv.hub (resumable, every file checked against the hub's SHA-256), and
 the FID Inception v3 weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth) checked
@@ -34,8 +38,14 @@ TEACHER_FILES = [
 ]
 DINOV2_FILES = ["config.json", "model.safetensors", "preprocessor_config.json"]
 RANDOM_INIT = "random init (NOT the real SVD/DINOv2 weights)"
+SVD_RANDOM_NOTE = "SVD img2vid architecture, random init (NOT the real SVD/DINOv2 weights)"
 # part -> (small config name, seed offset from weights.config_seed); offsets as in build_small_pipeline
 SMALL_PARTS = {"vae": ("vae", 0), "image_encoder": ("clip", 1), "unet": ("unet", 2), "dinov2": ("dinov2", 3)}
+# weights.architecture svd: part -> where its config is written down (osv.models)
+SVD_PARTS = {"vae": "osv.models.SVD_VAE (SVD img2vid vae/config.json)",
+             "image_encoder": "osv.models.SVD_IMAGE_ENCODER (SVD img2vid image_encoder/config.json, CLIP ViT-H/14)",
+             "unet": "osv.models.svd_unet_config() (diffusers' default = SVD img2vid unet/config.json)",
+             "dinov2": "osv.models.DINOV2_SMALL (facebook/dinov2-small config.json)"}
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # torch hub's convention (torch.hub.HASH_REGEX): `<name>-<first hex digits of the SHA-256>.<ext>`
 HASH_SUFFIX = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
@@ -95,24 +105,41 @@ def _numel(shape) -> int:
 
 
 def from_config(params: dict, tmp: Path) -> dict:
-    from osv.models import build_small_dinov2, build_small_pipeline, count_parameters
+    """Build, save and free one part at a time: the pipeline folder (model_index.json, scheduler/,
+    feature_extractor/, vae/, image_encoder/, unet/) and dinov2/, the files save_pretrained writes."""
+    import gc
 
-    seed = params["weights"]["config_seed"]
-    pipe = build_small_pipeline(seed, num_frames=params["data"]["frames"])
-    pipe.save_pretrained(str(tmp))
-    dinov2 = build_small_dinov2(seed + SMALL_PARTS["dinov2"][1])
-    dinov2.save_pretrained(str(tmp / "dinov2"))
-    modules = {"vae": pipe.vae, "image_encoder": pipe.image_encoder, "unet": pipe.unet, "dinov2": dinov2}
+    from osv import models
+
+    arch = params["weights"]["architecture"]
+    seed, frames = params["weights"]["config_seed"], params["data"]["frames"]
+    build = models.BUILDERS[arch]
+    models.pipeline_index(tmp)
+    models.build_scheduler().save_pretrained(str(tmp / "scheduler"))
+    models.build_feature_extractor().save_pretrained(str(tmp / "feature_extractor"))
     parts = {}
     for part, (config, offset) in SMALL_PARTS.items():
-        parts[part] = {
-            "description": f"built from osv/configs/small_{config}.json, seed {seed + offset}, {RANDOM_INIT}",
-            "config": f"osv/configs/small_{config}.json", "seed": seed + offset, "init": "random",
-            "parameters": count_parameters(modules[part]),
-            "files": {f"{part}/{k}": v for k, v in safetensors_files(tmp / part).items()},
-        }
-    return {"source": "config", "num_frames": params["data"]["frames"], "parts": parts,
-            "note": "Embedded scale: small randomly initialised models, NOT the real SVD/DINOv2 weights."}
+        module = build[part](seed + offset, frames) if part == "unet" else build[part](seed + offset)
+        module.save_pretrained(str(tmp / part))
+        count = models.count_parameters(module)
+        del module
+        gc.collect()
+        files = {f"{part}/{k}": v for k, v in safetensors_files(tmp / part).items()}
+        if arch == "small":
+            parts[part] = {
+                "description": f"built from osv/configs/small_{config}.json, seed {seed + offset}, {RANDOM_INIT}",
+                "config": f"osv/configs/small_{config}.json", "seed": seed + offset, "init": "random",
+                "parameters": count, "files": files}
+        else:
+            parts[part] = {"description": f"{SVD_RANDOM_NOTE}: built from {SVD_PARTS[part]}, seed {seed + offset}",
+                           "config": SVD_PARTS[part].split(" ", 1)[0], "seed": seed + offset, "init": "random",
+                           "parameters": count, "files": files}
+    if arch == "small":
+        return {"source": "config", "num_frames": frames, "parts": parts,
+                "note": "Embedded scale: small randomly initialised models, NOT the real SVD/DINOv2 weights."}
+    return {"source": "config", "architecture": "svd", "num_frames": frames, "parts": parts,
+            "note": f"{SVD_RANDOM_NOTE}. Paper-smoke scale: the paper's architecture through every stage to "
+                    "test the pipeline, never a result."}
 
 
 def fetch_repo(ref: dict, patterns: list[str], dest: Path) -> dict:

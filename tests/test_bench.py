@@ -62,9 +62,8 @@ def test_bench_train_runs_each_stage_through_train_step(tmp_path, capsys, monkey
 
 
 def test_svd_shape_is_the_published_architecture():
-    from osv.bench_disc import DINOV2_SMALL
-    from osv.bench_train import SVD_UNET_PUBLISHED, model_configs
-    from osv.models import SVD_VAE
+    from osv.bench_train import model_configs
+    from osv.models import DINOV2_SMALL, SVD_UNET_PUBLISHED, SVD_VAE
 
     cfg = model_configs("svd", 14)
     assert {k: cfg["unet"][k] for k in SVD_UNET_PUBLISHED} == SVD_UNET_PUBLISHED

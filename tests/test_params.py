@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from osv.cli import main
+from osv.logs import unstamped
 from osv.params import ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -202,7 +203,8 @@ def test_osv_check_command(tmp_path):
                               capture_output=True, text=True, cwd=ROOT)
 
     ok = check(ROOT / "params.yaml")
-    assert ok.returncode == 0 and ok.stdout.strip() == f"{ROOT / 'params.yaml'}: valid (10 runs, 21 methods)"
+    line = unstamped(ok.stdout.strip())  # piped: osv.logs stamps the line
+    assert ok.returncode == 0 and line == f"{ROOT / 'params.yaml'}: valid (10 runs, 21 methods)"
     bad = copy.deepcopy(BASE)
     bad["acd"]["m"] = 100
     fail = check(_write(tmp_path, bad))

@@ -243,3 +243,110 @@ def test_gated_repository_error_says_how_to_get_access(hub_env, monkeypatch):
     assert "refused access (HTTP 401)" in msg
     assert "accept its licence on http://127.0.0.1:9/stabilityai/stable-video-diffusion-img2vid" in msg
     assert "hf auth login" in msg and "HF_TOKEN" in msg
+
+
+# ----------------------------------------------------------------------------- weights.architecture svd
+# The real build (paper-smoke scale) writes ~9 GB and takes minutes (workflow/scales/paper-smoke.yaml);
+# these tests check what it would build on the meta device, and its weights.json with small stand-ins.
+
+# stabilityai/stable-video-diffusion-img2vid image_encoder/config.json, the architecture keys
+SVD_IMAGE_ENCODER_PUBLISHED = {"hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32,
+                               "num_attention_heads": 16, "patch_size": 14, "image_size": 224, "projection_dim": 1024,
+                               "hidden_act": "gelu", "layer_norm_eps": 1e-5, "num_channels": 3}
+# parameters of SVD img2vid's UNet (1.52B), CLIP ViT-H/14 image encoder (632M), VAE and facebook/dinov2-small
+SVD_PARAMETERS = {"unet": 1_524_623_082, "image_encoder": 632_076_800, "vae": 97_742_847, "dinov2": 22_056_576}
+
+
+def smoke_params() -> dict:
+    return yaml.safe_load((ROOT / "workflow/scales/paper-smoke.yaml").read_text())
+
+
+def test_small_architecture_writes_what_the_pipeline_save_wrote(tmp_path):
+    """weights.architecture small, written part by part, is byte for byte the folder that
+    build_small_pipeline().save_pretrained + build_small_dinov2().save_pretrained wrote before."""
+    from osv.models import build_small_dinov2, build_small_pipeline
+
+    params = base_params()
+    assert params["weights"]["architecture"] == "small"
+    seed, frames = params["weights"]["config_seed"], params["data"]["frames"]
+    old = tmp_path / "old"
+    build_small_pipeline(seed, num_frames=frames).save_pretrained(str(old))
+    build_small_dinov2(seed + 3).save_pretrained(str(old / "dinov2"))
+    assert run_weights(params, tmp_path, tmp_path / "new") == 0
+    new = folder_files(tmp_path / "new")
+    assert new.pop("weights.json") and new == folder_files(old)
+
+
+def test_svd_architecture_is_the_published_one():
+    """The parts weights.architecture svd builds (here on the meta device) have SVD img2vid's and
+    DINOv2-small's published configs and parameter counts."""
+    from osv import models
+
+    build = models.BUILDERS["svd"]
+    with torch.device("meta"):
+        parts = {"unet": build["unet"](2, 2), "image_encoder": build["image_encoder"](1), "vae": build["vae"](0),
+                 "dinov2": build["dinov2"](3)}
+    unet = dict(parts["unet"].config)
+    assert {k: unet[k] for k in models.SVD_UNET_PUBLISHED} == models.SVD_UNET_PUBLISHED
+    assert unet["num_frames"] == 2 and unet["sample_size"] == 96
+    enc = parts["image_encoder"].config.to_dict()
+    assert {k: enc[k] for k in SVD_IMAGE_ENCODER_PUBLISHED} == SVD_IMAGE_ENCODER_PUBLISHED
+    assert {k: parts["vae"].config[k] for k in models.SVD_VAE} == {k: v for k, v in models.SVD_VAE.items()}
+    dino = parts["dinov2"].config.to_dict()
+    assert {k: dino[k] for k in models.DINOV2_SMALL} == models.DINOV2_SMALL
+    assert {k: models.count_parameters(m) for k, m in parts.items()} == SVD_PARAMETERS
+    # the UNet's cross-attention reads the CLIP projection, as in SVD
+    assert unet["cross_attention_dim"] == enc["projection_dim"] == 1024
+    fe = models.build_feature_extractor().to_dict()
+    assert (fe["crop_size"], fe["size"], fe["resample"]) == ({"height": 224, "width": 224}, {"shortest_edge": 224}, 3)
+    assert list(fe["image_mean"]) == [0.48145466, 0.4578275, 0.40821073]
+
+
+def test_svd_architecture_weights_json_says_random_init(tmp_path, monkeypatch):
+    """The svd route's folder and weights.json, with the small parts standing in for the big ones."""
+    from diffusers import StableVideoDiffusionPipeline
+
+    from osv import models
+    from osv.hub import sha256_file
+
+    monkeypatch.setitem(models.BUILDERS, "svd", models.BUILDERS["small"])
+    params = smoke_params()
+    assert params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd"
+    out = tmp_path / "base"
+    assert run_weights(params, tmp_path, out) == 0
+    StableVideoDiffusionPipeline.from_pretrained(str(out))
+    info = json.loads((out / "weights.json").read_text())
+    phrase = "SVD img2vid architecture, random init (NOT the real SVD/DINOv2 weights)"
+    assert info["source"] == "config" and info["architecture"] == "svd" and info["note"].startswith(phrase)
+    assert info["num_frames"] == params["data"]["frames"]
+    seeds = {"vae": 0, "image_encoder": 1, "unet": 2, "dinov2": 3}
+    for part, seed in seeds.items():
+        rec = info["parts"][part]
+        assert rec["description"].startswith(phrase) and rec["description"].endswith(f"seed {seed}")
+        assert rec["config"].startswith("osv.models.") and rec["init"] == "random" and rec["parameters"] > 0
+        for rel, f in rec["files"].items():
+            assert f["sha256"] == sha256_file(out / rel)
+
+
+def test_architecture_rejects_a_bad_value():
+    params = base_params()
+    params["weights"]["architecture"] = "svd-xt"
+    with pytest.raises(ParamsError, match=r"weights\.architecture: 'svd-xt' is not one of \['small', 'svd'\]"):
+        validate(params)
+    del params["weights"]["architecture"]
+    with pytest.raises(ParamsError, match=r"weights: 'architecture' is a required property"):
+        validate(params)
+
+
+def test_paper_smoke_scale_validates_and_taps_dinov2_small():
+    params = load_params(ROOT / "workflow/scales/paper-smoke.yaml")
+    assert params["scale"] == "paper-smoke" and params["data"]["source"] == "embedded"
+    assert params["disc"]["layers"] == [2, 5, 8, 11]  # DINOv2-small's 12 blocks, as at paper scale
+    assert set(params["train"]["runs"]) == {"stage1", "stage2"}
+    bad = smoke_params()
+    bad["disc"]["layers"] = [12]
+    with pytest.raises(ParamsError, match=r"disc.layers\[0\] \(12\) must be below 12, .*DINOv2-small"):
+        validate(bad)
+    bad["weights"]["architecture"] = "small"  # the small backbone has 4 blocks
+    with pytest.raises(ParamsError, match=r"must be below 4, .*osv/configs/small_dinov2.json"):
+        validate(bad)

@@ -31,7 +31,7 @@ def prepare(params: dict, out: str) -> None:
     print(f"osv data: {out}: {json.dumps(report['counts'])} clips; skipped {len(report['skipped'])} sources")
 
 
-def _command(args) -> int:
+def command(args) -> int:
     from osv.launch import run_stage, run_stages
     from osv.params import load_params
 
@@ -65,4 +65,4 @@ def register(subparsers) -> None:
                           "(default: every part, then the split)")
     how.add_argument("--gather", action="store_true",
                      help="only the split, from the parts already fetched (embedded: the whole stage)")
-    p.set_defaults(func=_command)
+    p.set_defaults(func=command)

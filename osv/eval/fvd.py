@@ -90,6 +90,8 @@ def _checked(frames: np.ndarray, path: Path, shape: tuple[int, int, int]) -> np.
 
 
 def weights_description(params: dict) -> str:
+    if params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd":
+        return "SVD img2vid architecture, random init (not SVD's weights)"
     if params["weights"]["source"] == "config":
         return "small models built from configs (not SVD)"
     ref = params["weights"]["teacher"]

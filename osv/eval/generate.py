@@ -269,6 +269,9 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
 
 
 def _provenance(params: dict) -> str:
+    w = params["weights"]
+    if w["source"] == "config" and w["architecture"] == "svd":
+        return "SVD img2vid architecture built from configs, random init (NOT the real SVD weights): paper-smoke, not a result"
     if params["weights"]["source"] == "config":
         return "small models built from configs and trained here (embedded scale), not SVD"
     return f"{params['weights']['teacher']['repo_id']}@{params['weights']['teacher']['revision']}"

@@ -41,10 +41,10 @@ def register(subparsers) -> None:
     p.add_argument("--plots", default="plots", help="reads plots/train/*.csv, writes plots/fvd_vs_nfe.csv")
     p.add_argument("--clips", default="data/clips", help="the real test clips, shown beside the samples")
     p.add_argument("--out", default="reports")
-    p.set_defaults(func=main)
+    p.set_defaults(func=command)
 
 
-def main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     path = write_report(params, args.metrics, args.samples, args.plots, args.out, args.clips)
     print(f"wrote {path}")
@@ -823,9 +823,12 @@ def write_report(params: dict, metrics_dir, samples_dir, plots_dir, out_dir, cli
                   record(params, "report", precision="n/a (copies the fvd stage's numbers)"))
     curves = ("![training curves](train_curves.png)\n\nRuns: " + ", ".join(runs)) if runs else \
         f"No training curves found in {plots_dir / 'train'}."
+    smoke = ("**A smoke test, never a result**: SVD img2vid's architecture with random weights "
+             "(weights.architecture svd), a few tiny clips, a few iterations; the numbers below mean nothing.\n\n"
+             if params["scale"] == "paper-smoke" else "")
     text = f"""# OSV reproduction: results
 
-Scale **{params['scale']}**. Every number in Tables 1-3 below was made under the protocol printed
+{smoke}Scale **{params['scale']}**. Every number in Tables 1-3 below was made under the protocol printed
 once here; the paper's columns come from {PAPER_PROTOCOL}. The two protocols differ
 (backbone, clips, frames, resolution, weights), so compare the ordering of methods, not values.
 

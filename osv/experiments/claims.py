@@ -373,7 +373,7 @@ def claims_stage(params: dict, out: str, plot: str | None, csv: str | None) -> d
     return result
 
 
-def cmd_claims(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     from osv.launch import run_stage
     from osv.params import load_params
 
@@ -393,4 +393,4 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="metrics/claims.json", help="metrics (numbers); the provenance goes beside it")
     p.add_argument("--plot", default=None, help="stage-2 curves (png)")
     p.add_argument("--csv", default=None, help="the same curves as CSV (DVC plots)")
-    p.set_defaults(func=cmd_claims)
+    p.set_defaults(func=command)

@@ -20,6 +20,7 @@ OSV_SIGNAL_AT_STEP=k makes the process send itself SIGTERM before iteration k (c
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import signal
@@ -378,7 +379,10 @@ def finish(params, run, spec, nets, state, prec, curve, ckpt, out, metrics, plot
         state.last_checkpoint = save(ckpt, nets, state, prec, curve, params, run)
     info = {"run": run, "stage": spec["stage"], "init": spec["init"], "step": state.step,
             "params_sha256": run_fingerprint(params, run)}
-    export_run(out, nets.student, nets.ema, nets.disc.trainable_state_dict() if nets.disc else None, params, info)
+    nets.teacher_fn = None  # the frozen teacher is done: the export should not hold it too (6 GB at SVD size)
+    gc.collect()
+    export_run(out, nets.student, nets.ema, nets.disc.trainable_state_dict() if nets.disc else None, params, info,
+               teacher=teacher)
     curve.write(plots)
     write_metrics(metrics, result, record(params, "train", run, precision=prec.name, device=env.device.type))
     print(f"{run}: {state.step} steps, distance {final.get('loss_distance', math.nan):.4g}, exported to {out} "
@@ -399,6 +403,8 @@ def protocol(params, run, spec, env, teacher, prec) -> dict:
     cfg = params[stage]
     weights = "small models built from configs" if params["weights"]["source"] == "config" else \
         f"{params['weights']['teacher']['repo_id']}@{params['weights']['teacher']['revision']}"
+    if params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd":
+        weights = "SVD img2vid architecture built from configs, random init"
     return {"run": run, "stage": stage, "init": spec["init"], "steps": cfg["steps"],
             "batch_size_per_process": cfg["batch_size"], "world_size": env.world_size,
             "global_batch": cfg["batch_size"] * env.world_size, "device": str(env.device),
