@@ -52,6 +52,24 @@ HELP = {
 }
 
 
+class DefaultsFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+def _with_defaults(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = DefaultsFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _with_defaults(child)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of `command` (its module imported), or of the command list alone (nothing imported)."""
     from osv import __version__
@@ -61,6 +79,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     if command in COMMANDS:
         importlib.import_module(COMMANDS[command]).register(sub)
+        _with_defaults(parser)
     else:  # --help, no command or a typo: argparse prints the list (or the error) and exits
         for name, help_text in HELP.items():
             sub.add_parser(name, help=help_text)
@@ -70,11 +89,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # before any command module imports tqdm; JSON, --help and --version stay plain
-    logs.setup(stdout=bool(argv) and argv[0] in COMMANDS and "--json" not in argv)
+    plain = {"--json", "-h", "--help"} & set(argv)
+    logs.setup(stdout=bool(argv) and argv[0] in COMMANDS and not plain)
     args = build_parser(argv[0] if argv else None).parse_args(argv)
     timing.mark_work_start()  # start-up ends here: interpreter, imports, argument parsing
     try:
-        rc = args.func(args) or 0
+        rc = args.func(args)
+        rc = rc if isinstance(rc, int) else 0  # a benchmark may return its result
         # data, weights (and encode, generate in-process) keep a timing file; no-op for the others
         timing.finish(args.command, getattr(args, "out", None), getattr(args, "method", None))
         return rc

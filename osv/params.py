@@ -208,6 +208,10 @@ def _stage2_rules(p: dict) -> list[str]:
                         "the teacher solve spans sigma_n .. sigma_(n+m)")
     if acd["cfg"]["min"] > acd["cfg"]["max"]:
         problems.append("acd.cfg.min must not exceed acd.cfg.max")
+    ov = p["data"]["openvid"]
+    if p["data"]["source"] == "openvid" and ov["test_part"] not in ov["parts"]:
+        problems.append(f"data.openvid.test_part ({ov['test_part']}) must be one of data.openvid.parts "
+                        f"{list(ov['parts'])}: the test clips come from that part")
     return problems
 
 
@@ -312,7 +316,7 @@ def resources_for(params: dict, stage: str) -> dict:
     return {**res["default"], **res.get(stage, {})}
 
 
-def _command(args) -> int:
+def command(args) -> int:
     params = load_params(args.params)
     print(f"{args.params}: valid ({len(params['train']['runs'])} runs, {len(params['eval']['methods'])} methods)")
     if args.out:  # constant content: the stages after dvc.yaml's check stage only rerun for their own params
@@ -324,6 +328,6 @@ def _command(args) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("check", help="validate params.yaml (schema, cross-key rules, every run's override)")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--out", default=None, help="write a marker file when valid (dvc.yaml's check stage)")
-    p.set_defaults(func=_command)
+    p.set_defaults(func=command)

@@ -99,7 +99,7 @@ def _differences(measured: dict, run: dict) -> list[str]:
 
 
 def plan(params: dict, benches: list[dict], card: str) -> dict:
-    from osv.bench_train import cost_settings
+    from osv.bench.train import cost_settings
     from osv.params import deep_merge, resources_for
 
     card, memory = card_gib(card)

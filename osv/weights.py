@@ -56,10 +56,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("weights", help="Base models: small models from configs, or pinned hub weights.")
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     p.add_argument("--out", default="models/base", help="output folder (default: models/base)")
-    p.set_defaults(func=main)
+    p.set_defaults(func=command)
 
 
-def main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     build_base(params, Path(args.out))
     return 0

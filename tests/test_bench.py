@@ -62,7 +62,7 @@ def test_bench_train_runs_each_stage_through_train_step(tmp_path, capsys, monkey
 
 
 def test_svd_shape_is_the_published_architecture():
-    from osv.bench_train import model_configs
+    from osv.bench.train import model_configs
     from osv.models import DINOV2_SMALL, SVD_UNET_PUBLISHED, SVD_VAE
 
     cfg = model_configs("svd", 14)
@@ -74,7 +74,7 @@ def test_svd_shape_is_the_published_architecture():
 
 def _synthetic_bench(path: Path) -> Path:
     """Measured at the paper's size (1024x576, 14 frames, batch 1): 3.6 s/iter; peaks 50 / 60 GiB."""
-    from osv.bench_train import cost_settings
+    from osv.bench.train import cost_settings
     from osv.params import load_params
 
     params = load_params(ROOT / "workflow/scales/paper.yaml")

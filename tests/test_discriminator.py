@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from osv import bench_disc
+from osv.bench import disc as bench_disc
 from osv.discriminator import Discriminator, LatentUpsampler
 from osv.models import build_small_dinov2, build_small_vae
 from osv.params import load_params

@@ -371,7 +371,7 @@ def test_inception_refuses_to_download(tmp_path, monkeypatch):
 def test_bench_fvd_runs(tmp_path, capsys):
     import argparse
 
-    from osv import bench_fvd
+    from osv.bench import fvd as bench_fvd
 
     parser = argparse.ArgumentParser()
     bench_fvd.add_args(parser)

@@ -248,8 +248,8 @@ def test_rejected_test_clip_is_dropped_not_moved(hub, tmp_path):
 def test_impossible_splits_are_refused(hub, tmp_path):
     from osv.data.openvid import prepare
 
-    with pytest.raises(ValueError, match=r"test_part 2 is not in data.openvid.parts \[0, 1\]"):
-        prepare(make_params(hub.endpoint, test_part=2), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"data.openvid.test_part \(2\) must be one of data.openvid.parts \[0, 1\]"):
+        prepare(make_params(hub.endpoint, test_part=2), tmp_path / "a")  # the params gate, before any work
     assert not [p for m, p, _ in hub.log if m == "GET" and ".zip" in p]  # refused before any download
     with pytest.raises(ValueError, match=r"test part 0 \(OpenVid_part0.zip\) has 8 usable captioned clips "
                                          r"\(1 rejected\), fewer than data.openvid.test_clips=9"):

@@ -138,6 +138,8 @@ RULES = [
     # discriminator taps deeper than the backbone (embedded config: 4 blocks; dinov2-small: 12)
     (BASE, "disc.layers", [1, 4], ["disc.layers[1]", "(4)", "small_dinov2.json"]),
     (PAPER, "disc.layers", [2, 5, 8, 12], ["disc.layers[3]", "(12)", "facebook/dinov2-small"]),
+    # the OpenVid test part must be downloaded (a part of data.openvid.parts)
+    (PAPER, "data.openvid.test_part", 12, ["data.openvid.test_part", "(12)", "data.openvid.parts"]),
     # run graph errors name the run
     (BASE, "train.runs.stage1.init", "stage2", ["train.runs.stage1.init", "cycle stage1 -> stage2 -> stage1"]),
     (BASE, "train.runs.stage2.init", "ghost", ["train.runs.stage2.init", "'ghost'"]),

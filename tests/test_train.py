@@ -260,7 +260,7 @@ def test_cli_parses_train_and_teacher():
     teacher.register(sub)
     args = parser.parse_args(["train", "--run", "stage1", "--init", "models/teacher", "--ckpt", "runs/stage1",
                               "--out", "models/stage1", "--metrics", "m.json", "--plots", "p.csv"])
-    assert args.func is distill.cmd_train and args.teacher == "models/teacher"
+    assert args.func is distill.command and args.teacher == "models/teacher"
 
 
 def test_latent_stats_sees_motion():

@@ -27,7 +27,7 @@ MIN_CLIPS_FOR_STABLE_COVARIANCE = 400
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fvd", help="FVD / FID of one method's samples with the full protocol")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--method", required=True, help="a key of eval.methods")
     p.add_argument("--samples", required=True, help="samples/M: clip-*.mp4 and meta.json")
     p.add_argument("--clips", required=True, help="data/clips (manifest.csv and the test mp4s)")
@@ -35,10 +35,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="metrics/eval/M.json")
     p.add_argument("--cache-dir", default="features", help="feature cache folder ('' disables it)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available)")
-    p.set_defaults(func=main)
+    p.set_defaults(func=command)
 
 
-def main(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     params = load_params(args.params)
     if args.method not in params["eval"]["methods"]:
         raise ParamsError(f"{args.params}: --method {args.method} is not in eval.methods "

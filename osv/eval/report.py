@@ -35,12 +35,12 @@ FAMILIES = {"teacher": "teacher", "consistency": "OSV", "tts": "OSV + TTS"}
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("report", help="results.md, FVD-vs-NFE and training-curve plots")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--metrics", default="metrics", help="folder with eval/<method>.json, vae.json, teacher.json")
     p.add_argument("--samples", default="samples", help="folder with <method>/preview.gif, contact.png")
     p.add_argument("--plots", default="plots", help="reads plots/train/*.csv, writes plots/fvd_vs_nfe.csv")
     p.add_argument("--clips", default="data/clips", help="the real test clips, shown beside the samples")
-    p.add_argument("--out", default="reports")
+    p.add_argument("--out", default="reports", help="results.md, plots and previews")
     p.set_defaults(func=command)
 
 

@@ -389,7 +389,7 @@ def register(subparsers) -> None:
     exp = subparsers.add_parser("experiment", help="The paper's claims on a miniature with an exact teacher.")
     sub = exp.add_subparsers(dest="experiment", required=True)
     p = sub.add_parser("claims", help="Tables 1-2 and Fig. 5 in miniature: arms over seeds, a verdict per claim.")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--out", default="metrics/claims.json", help="metrics (numbers); the provenance goes beside it")
     p.add_argument("--plot", default=None, help="stage-2 curves (png)")
     p.add_argument("--csv", default=None, help="the same curves as CSV (DVC plots)")

@@ -415,7 +415,7 @@ def protocol(params, run, spec, env, teacher, prec) -> dict:
 # ----------------------------------------------------------------------------- CLI
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     import sys
 
     from osv.launch import run_stage
@@ -423,6 +423,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from osv.train.loop import NonFiniteLossError, TrainingInterrupted
 
     params = load_params(args.params, run=args.run)
+    # the DAG's paths, from the run (the flags override them)
+    run, spec = args.run, params["train"]["runs"][args.run]
+    args.init = args.init or f"models/{spec['init']}"
+    args.ckpt, args.out = args.ckpt or f"runs/{run}", args.out or f"models/{run}"
+    args.metrics, args.plots = args.metrics or f"metrics/train/{run}.json", args.plots or f"plots/train/{run}.csv"
     kwargs = dict(params=params, run=args.run, teacher=args.teacher, init=args.init, latents=args.latents,
                   ckpt=args.ckpt, out=args.out, metrics=args.metrics, plots=args.plots, dinov2=args.dinov2)
     try:
@@ -438,14 +443,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="One training run (stage 1 LGP or stage 2 ACD) of train.runs.")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--run", required=True, help="a name of train.runs")
     p.add_argument("--teacher", default="models/teacher", help="teacher pipeline folder (osv teacher)")
-    p.add_argument("--init", required=True, help="models/teacher or models/<init run> (its export)")
-    p.add_argument("--latents", default="data/latents")
-    p.add_argument("--ckpt", required=True, help="runs/RUN: checkpoints (resumed automatically)")
-    p.add_argument("--out", required=True, help="models/RUN export")
-    p.add_argument("--metrics", required=True)
-    p.add_argument("--plots", required=True)
+    p.add_argument("--init", default=None, help="the export it starts from (default: models/<train.runs.RUN.init>)")
+    p.add_argument("--latents", default="data/latents", help="latents root (osv encode)")
+    p.add_argument("--ckpt", default=None, help="checkpoints, resumed automatically (default: runs/RUN)")
+    p.add_argument("--out", default=None, help="the run's export (default: models/RUN)")
+    p.add_argument("--metrics", default=None, help="metrics file (default: metrics/train/RUN.json)")
+    p.add_argument("--plots", default=None, help="training curves CSV (default: plots/train/RUN.csv)")
     p.add_argument("--dinov2", default=None, help="DINOv2 folder (default: <teacher>/dinov2)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=command)

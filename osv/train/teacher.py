@@ -298,7 +298,7 @@ def _protocol(params: dict) -> dict:
             "split": "test", "clips": EVAL_CLIPS, "resolution": f"{res['width']}x{res['height']}", "seed": params["seed"]}
 
 
-def cmd_teacher(args: argparse.Namespace) -> int:
+def command(args: argparse.Namespace) -> int:
     from osv.params import load_params
 
     params = load_params(args.params)
@@ -312,11 +312,11 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("teacher", help="Train (embedded) or link (paper) the SVD teacher; held-out metrics.")
-    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--params", default="params.yaml", help="params file")
     p.add_argument("--base", default="models/base", help="SVD pipeline folder of the base weights")
     p.add_argument("--vae", default="models/vae", help="diffusers VAE folder (osv vae)")
     p.add_argument("--latents", default="data/latents", help="latents root (osv encode)")
-    p.add_argument("--out", default="models/teacher")
-    p.add_argument("--metrics", default="metrics/teacher.json")
-    p.add_argument("--plots", default="plots/teacher.csv")
-    p.set_defaults(func=cmd_teacher)
+    p.add_argument("--out", default="models/teacher", help="the teacher pipeline folder")
+    p.add_argument("--metrics", default="metrics/teacher.json", help="metrics file")
+    p.add_argument("--plots", default="plots/teacher.csv", help="training curves CSV")
+    p.set_defaults(func=command)

@@ -17,7 +17,7 @@ UNetSpatioTemporalConditionModel config = osv.models.SVD_UNET_PUBLISHED), SVD's 
 and DINOv2-small, with the paper's params (workflow/scales/paper.yaml: LoRA rank 64, m = 5,
 bf16, gradient checkpointing).
 
-Peak memory: each stage runs in a fresh `python -m osv.bench_train` process (unless
+Peak memory: each stage runs in a fresh `python -m osv.bench.train` process (unless
 --no-isolate), so its peak is its own: torch.cuda.max_memory_allocated on a GPU (the reserved
 peak is recorded too); on the CPU the process's peak RSS (getrusage ru_maxrss) above its RSS
 before building any model. `state_gib` is the bytes of the tensors an iteration boundary holds
@@ -200,7 +200,7 @@ def measure(cfg: dict, key: str) -> dict:
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel  # noqa: F401
     from transformers import Dinov2Model  # noqa: F401
 
-    from osv.bench_step import _batch, _train_step
+    from osv.bench.step import _batch, _train_step
     from osv.params import deep_merge
     from osv.sde import karras_sigmas
     from osv.train.distill import State, build_nets, make_optimizers
@@ -272,7 +272,7 @@ def measure(cfg: dict, key: str) -> dict:
 
 
 def measure_isolated(cfg: dict, key: str) -> dict:
-    """measure() in a fresh `python -m osv.bench_train` process; a crash becomes an error row."""
+    """measure() in a fresh `python -m osv.bench.train` process; a crash becomes an error row."""
     import subprocess
     import sys
     import tempfile
@@ -280,7 +280,7 @@ def measure_isolated(cfg: dict, key: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="osv-bench-train-") as tmp:
         config, result = Path(tmp) / "config.json", Path(tmp) / "result.json"
         config.write_text(json.dumps(cfg))
-        proc = subprocess.run([sys.executable, "-m", "osv.bench_train", str(config), key, str(result)], check=False)
+        proc = subprocess.run([sys.executable, "-m", "osv.bench.train", str(config), key, str(result)], check=False)
         if proc.returncode != 0 or not result.exists():
             return {"stage": key, "error": f"the measuring process exited with code {proc.returncode} "
                                            "(its error is printed above)"}

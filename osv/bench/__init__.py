@@ -17,30 +17,22 @@ import importlib
 
 # (subcommand, module, help): add a benchmark by appending a row.
 BENCHMARKS = [
-    ("sample", "osv.bench_sample", "seconds per video and NFE: teacher vs student samplers"),
-    ("disc", "osv.bench_disc", "discriminator iteration cost: latent upsampler vs VAE decoder"),
-    ("fvd", "osv.bench_fvd", "FVD/FID feature-extractor throughput"),
-    ("vae", "osv.bench_vae", "seconds per VAE training step (crop, whole frame) and where they go"),
-    ("step", "osv.bench_step", "one training step (lgp, acd) vs the floor of its network evaluations"),
-    ("timing", "osv.bench_timing", "per-stage timing of a finished run (wall, CPU, peak RSS, start-up) as Markdown"),
-    ("train", "osv.bench_train", "s/iteration and peak memory of a stage-1 / stage-2 iteration (lgp, acd, ablation e)"),
+    ("sample", "osv.bench.sample", "seconds per video and NFE: teacher vs student samplers"),
+    ("disc", "osv.bench.disc", "discriminator iteration cost: latent upsampler vs VAE decoder"),
+    ("fvd", "osv.bench.fvd", "FVD/FID feature-extractor throughput"),
+    ("vae", "osv.bench.vae", "seconds per VAE training step (crop, whole frame) and where they go"),
+    ("step", "osv.bench.step", "one training step (lgp, acd) vs the floor of its network evaluations"),
+    ("timing", "osv.bench.timing", "per-stage timing of a finished run (wall, CPU, peak RSS, start-up) as Markdown"),
+    ("train", "osv.bench.train", "s/iteration and peak memory of a stage-1 / stage-2 iteration (lgp, acd, ablation e)"),
     ("plan", "osv.plan", "GPU-hours, wall hours and peak memory per training run of train.runs for a named card"),
 ]
 
 
-def _runner(module_name: str):
-    def func(args) -> int:
-        rc = importlib.import_module(module_name).run(args)
-        return rc if isinstance(rc, int) else 0
-
-    return func
-
-
 def _unavailable(module_name: str, error: Exception):
-    def func(args) -> int:
+    def run(args) -> int:
         raise RuntimeError(f"osv bench {args.benchmark}: module {module_name} is not usable: {error!r}") from error
 
-    return func
+    return run
 
 
 def register(subparsers) -> None:
@@ -56,4 +48,4 @@ def register(subparsers) -> None:
             continue
         bench = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).splitlines()[0])
         module.add_args(bench)
-        bench.set_defaults(func=_runner(module_name))
+        bench.set_defaults(func=module.run)  # each benchmark module's handler

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import time
 
-from osv.bench_sample import DTYPES
+from osv.bench.sample import DTYPES
 from osv.models import DINOV2_SMALL, SVD_VAE
 
 # Paper-scale discriminator for --shape svd when the params file is embedded-scale.
@@ -187,7 +187,7 @@ def measure(cfg: dict, front_end: str) -> dict:
 
 
 def measure_isolated(cfg: dict, front_end: str) -> dict:
-    """measure() in a fresh `python -m osv.bench_disc` process (no re-import of the caller's __main__)."""
+    """measure() in a fresh `python -m osv.bench.disc` process (no re-import of the caller's __main__)."""
     import subprocess
     import sys
     import tempfile
@@ -195,7 +195,7 @@ def measure_isolated(cfg: dict, front_end: str) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="osv-bench-disc-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "osv.bench_disc", json.dumps(cfg), front_end, str(result)]
+        cmd = [sys.executable, "-m", "osv.bench.disc", json.dumps(cfg), front_end, str(result)]
         proc = subprocess.run(cmd, check=False)
         if proc.returncode != 0 or not result.exists():
             raise RuntimeError(f"osv bench disc: measuring the {front_end} front end failed "
