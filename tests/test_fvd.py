@@ -25,7 +25,7 @@ from osv.eval.frechet import frechet_distance, frechet_from_features, gaussian_s
 from osv.logs import unstamped
 from osv.numerics import INJECT_ENV
 from osv.params import load_params
-from osv.provenance import provenance_path, read_metrics
+from osv.provenance import provenance_path, read_metrics, weights_description
 
 REPO = Path(__file__).resolve().parents[1]
 T = 8
@@ -266,7 +266,7 @@ def test_evaluate_method_writes_metric_json(tmp_path, real_halves):
     assert proto["fid_backbone"] == "stand-in: rand2d-v1, seed 0"
     assert (proto["clips_real"], proto["clips_generated"], proto["frames"]) == (10, 10, T)
     assert proto["resolution"] == [96, 48] and proto["fps"] == fps and proto["scale"] == "embedded"
-    assert proto["weights"] == "small models built from configs (not SVD)"
+    assert proto["weights"] == weights_description(params) and "not SVD" in proto["weights"]
     assert proto["teacher_sha256"] == "ab" * 32 and proto["seeds"] == [1, 2]
     assert any("400" in w for w in saved["warnings"])
     # KVD with a bootstrap interval over the 10 clips; the replicates live in the provenance file

@@ -20,6 +20,7 @@ import numpy as np
 
 from osv.eval.intervals import MIN_CLIPS_FOR_INTERVALS
 from osv.params import ParamsError, load_params
+from osv.provenance import weights_description
 
 # Below about this many clips the 400-d I3D covariance is singular (environment.md).
 MIN_CLIPS_FOR_STABLE_COVARIANCE = 400
@@ -87,15 +88,6 @@ def _checked(frames: np.ndarray, path: Path, shape: tuple[int, int, int]) -> np.
         raise ValueError(f"{path}: clip is {list(frames.shape)}, the protocol needs at least "
                          f"{shape[0]} frames of {shape[2]}x{shape[1]} (W x H)")
     return frames[: shape[0]]
-
-
-def weights_description(params: dict) -> str:
-    if params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd":
-        return "SVD img2vid architecture, random init (not SVD's weights)"
-    if params["weights"]["source"] == "config":
-        return "small models built from configs (not SVD)"
-    ref = params["weights"]["teacher"]
-    return f"pretrained {ref['repo_id']}@{ref['revision']}"
 
 
 def build_protocol(params: dict, video_ext, frame_ext, n_real: int, n_gen: int, meta: dict) -> dict:

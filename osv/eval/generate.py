@@ -28,6 +28,7 @@ from osv.hub import link_or_copy, sha256_file
 from osv.launch import run_stage, run_stages
 from osv.numerics import injected, require_finite
 from osv.params import load_params
+from osv.provenance import weights_description
 from osv.samplers import (
     _randn,
     consistency_sample,
@@ -238,7 +239,7 @@ def gather(params: dict, method_name: str, model: str, out: str, jobs: int) -> d
     meta = {"method": method_name, **method, "clips": count, "frames": data["frames"], "fps": data["fps"],
             "resolution": [res["width"], res["height"]], "seed": ev["seed"], "batch_size": ev["batch_size"],
             "unet_sha256": first["unet_sha256"], "model": str(model), "teacher_unet_sha256": first["teacher_unet_sha256"],
-            "weights": _provenance(params), "device": first["device"], "precision": first["precision"],
+            "weights": weights_description(params), "device": first["device"], "precision": first["precision"],
             "jobs": jobs, "nfe": nfe[0] if len(nfe) == 1 else nfe,
             "sec_per_video": sum(r["seconds"] for r in records) / max(count, 1),
             "clip_ids": [c for r in records for c in r["clip_ids"]]}
@@ -266,15 +267,6 @@ def generate(params: dict, method_name: str, teacher: str, model: str, latents: 
     for part in range(jobs):
         generate_part(params, method_name, teacher, model, latents, out, part, jobs)
     return gather(params, method_name, model, out, jobs)
-
-
-def _provenance(params: dict) -> str:
-    w = params["weights"]
-    if w["source"] == "config" and w["architecture"] == "svd":
-        return "SVD img2vid architecture built from configs, random init (NOT the real SVD weights): paper-smoke, not a result"
-    if params["weights"]["source"] == "config":
-        return "small models built from configs and trained here (embedded scale), not SVD"
-    return f"{params['weights']['teacher']['repo_id']}@{params['weights']['teacher']['revision']}"
 
 
 def command(args) -> int:

@@ -401,10 +401,9 @@ def run_fingerprint(params: dict, run: str) -> str:
 def protocol(params, run, spec, env, teacher, prec) -> dict:
     stage = spec["stage"]
     cfg = params[stage]
-    weights = "small models built from configs" if params["weights"]["source"] == "config" else \
-        f"{params['weights']['teacher']['repo_id']}@{params['weights']['teacher']['revision']}"
-    if params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd":
-        weights = "SVD img2vid architecture built from configs, random init"
+    from osv.provenance import weights_description
+
+    weights = weights_description(params)
     return {"run": run, "stage": stage, "init": spec["init"], "steps": cfg["steps"],
             "batch_size_per_process": cfg["batch_size"], "world_size": env.world_size,
             "global_batch": cfg["batch_size"] * env.world_size, "device": str(env.device),

@@ -282,11 +282,10 @@ def _provenance(params: dict, base) -> dict:
         import json
 
         info["base_weights"] = json.loads(weights_json.read_text())
-    if params["weights"]["source"] == "config" and params["weights"]["architecture"] == "svd":
-        info["note"] = ("SVD img2vid architecture, random init (NOT the real SVD/DINOv2 weights), "
-                        f"trained here for {params['teacher']['steps']} steps")
-    elif params["weights"]["source"] == "config":
-        info["note"] = "small models built from configs (random init), teacher trained here on the embedded latents"
+    if params["weights"]["source"] == "config":
+        from osv.provenance import weights_description
+
+        info["note"] = f"{weights_description(params)}; teacher trained here for {params['teacher']['steps']} steps"
     return info
 
 
