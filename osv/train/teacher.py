@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 EVAL_SIGMAS = (0.02, 0.1, 0.3, 0.7, 1.5, 3.0, 8.0, 30.0)
 DENOISE_FROM_SIGMA, DENOISE_STEPS, SAMPLE_STEPS, SAMPLE_CFG = 2.0, 4, 10, 1.0
@@ -79,7 +80,8 @@ def load_split(latents_root, split: str, params: dict, device, low: bool = False
 
 
 @torch.no_grad()
-def heldout_loss(denoiser, test: dict, params: dict, seed: int, chunk: int = 16) -> dict[str, float]:
+def heldout_loss(denoiser, test: dict, params: dict, seed: int, chunk: int = 16,
+                 progress: bool = False) -> dict[str, float]:
     """Weighted denoising loss on the test latents at EVAL_SIGMAS, noise seeded per (σ level, clip)."""
     from osv.conditioning import from_batch
     from osv.train.loop import sample_randn
@@ -87,7 +89,7 @@ def heldout_loss(denoiser, test: dict, params: dict, seed: int, chunk: int = 16)
     x0 = test["latents"]
     cond = from_batch(test, params, device=x0.device)
     per_sigma = {}
-    for level, s in enumerate(EVAL_SIGMAS):
+    for level, s in enumerate(tqdm(EVAL_SIGMAS, desc="held-out loss", unit="σ", disable=not progress)):
         losses = []
         for i in range(0, x0.shape[0], chunk):
             idx = list(range(i, min(i + chunk, x0.shape[0])))
@@ -114,7 +116,7 @@ def sample_quality(denoiser, test: dict, params: dict, seed: int) -> dict[str, f
     path = karras_sigmas(DENOISE_STEPS, sde["sigma_min"], DENOISE_FROM_SIGMA, sde["rho"]).flip(0)
     path = torch.cat([path, path.new_zeros(1)]).to(x0)
     sq_err, samples = [], []
-    for start in range(0, x0.shape[0], chunk):
+    for start in tqdm(range(0, x0.shape[0], chunk), desc="sample quality", unit="batch"):
         idx = list(range(start, min(start + chunk, x0.shape[0])))
         noisy = x0[idx] + DENOISE_FROM_SIGMA * sample_randn(x0.shape[1:], seed, 20_000, idx, "eval", x0.device)
         sq_err.append((euler_solve(denoiser, noisy, path, cond.select(idx)) - x0[idx]).square().flatten(1).mean(1))
@@ -138,7 +140,7 @@ def evaluate(denoiser, test: dict, params: dict) -> dict:
     seed = params["seed"]
     was_training = denoiser.module.training
     denoiser.module.eval()
-    out = {**heldout_loss(denoiser, test, params, seed), **sample_quality(denoiser, test, params, seed)}
+    out = {**heldout_loss(denoiser, test, params, seed, progress=True), **sample_quality(denoiser, test, params, seed)}
     denoiser.module.train(was_training)
     return out
 
