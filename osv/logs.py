@@ -19,21 +19,28 @@ def stamp() -> str:
 
 
 class TimestampedLines:
-    """A text stream whose every line, and every state of a `\\r`-redrawn progress bar, becomes one
-    line `YYYY-mm-dd HH:MM:SS text`. `unstamped` is the stream underneath (for lines relayed from a
-    job's log, which carry the job's own timestamps)."""
+    """A text stream whose every line becomes `YYYY-mm-dd HH:MM:SS text`. A progress bar redraws
+    itself with `\r<state>` (tqdm, also on every set_postfix): its latest state is written as a line
+    at most once per PROGRESS_EVERY_S, and its last state when the bar ends with a newline.
+    `unstamped` is the stream underneath (for lines relayed from a job's log, already stamped)."""
 
-    def __init__(self, stream):
-        self.unstamped, self.partial = stream, ""
+    def __init__(self, stream, every_s: float = PROGRESS_EVERY_S):
+        self.unstamped, self.partial, self.every_s, self.shown = stream, "", every_s, float("-inf")
 
     def write(self, text: str) -> int:
-        *lines, self.partial = (self.partial + text.replace("\r", "\n")).split("\n")
+        *lines, partial = (self.partial + text).split("\n")
         for line in lines:
-            if line.strip():
-                self.unstamped.write(f"{stamp()} {line.rstrip()}\n")
-        if lines:
-            self.unstamped.flush()
+            self._emit(line.rsplit("\r", 1)[-1])
+        self.partial = partial.rsplit("\r", 1)[-1] if "\r" in partial else partial
+        if "\r" in partial and self.partial.strip() and time.monotonic() - self.shown >= self.every_s:
+            self._emit(self.partial)
+            self.shown = time.monotonic()
+        self.unstamped.flush()
         return len(text)
+
+    def _emit(self, line: str) -> None:
+        if line.strip():
+            self.unstamped.write(f"{stamp()} {line.rstrip()}\n")
 
     def flush(self) -> None:
         self.unstamped.flush()

@@ -27,6 +27,17 @@ def test_progress_bar_states_become_timestamped_lines():
     assert sum("a message" in line for line in lines) == 3
 
 
+def test_redraws_are_throttled_and_the_last_state_kept():
+    """set_postfix redraws a bar on every step: off a terminal that is one line per period, plus the end."""
+    raw = io.StringIO()
+    out = TimestampedLines(raw, every_s=3600)
+    for k in range(1, 101):
+        out.write(f"\rtrain: {k}/100 loss={k}")
+    out.write("\n")
+    lines = raw.getvalue().splitlines()
+    assert [ln.split(" ", 2)[2] for ln in lines] == ["train: 1/100 loss=1", "train: 100/100 loss=100"], lines
+
+
 def test_a_command_piped_to_a_file_stamps_its_lines_and_makes_bars_periodic():
     code = ("import os, sys; from osv import logs; logs.setup(); print('hello'); "
             "print(os.environ['TQDM_MININTERVAL'], file=sys.stderr); "
