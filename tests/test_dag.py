@@ -19,7 +19,7 @@ RESOURCES = re.compile(r"^OSV_RESOURCES=mem_mb=\d+,runtime=\d+,gpu=\d+ ")
 # Snakemake fans these out into one job per part (docs/design.md "Fan-out"); `dvc repro` runs the
 # same command without --part (every part, submitted at once), then the gather.
 FANOUT = {"data_part": "data", "encode_part": "encode", "generate_part": "generate"}
-RECEIPT = re.compile(r"^(data/parts/|data/latents\.parts/|samples/\.parts/)")
+RECEIPT = re.compile(r"^(data/parts/|data/latents\.parts/|samples\.parts/)")
 
 
 @functools.cache

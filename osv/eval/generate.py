@@ -103,10 +103,11 @@ def batches(params: dict, count: int) -> list[range]:
 
 
 def work_folder(out: str | Path) -> Path:
-    """Resumable per-batch work of samples/M: samples/.parts/M (not a declared output, so a failed
-    job's batches survive for the rerun)."""
+    """Resumable per-batch work of samples/M: samples.parts/M. Not a declared output, so a failed
+    job's batches survive for the rerun; beside samples/, not in it (the report stage depends on
+    samples/, which DVC hashes)."""
     out = Path(out)
-    return out.parent / ".parts" / out.name
+    return out.parent.with_name(f"{out.parent.name}.parts") / out.name
 
 
 def receipt_path(out: str | Path, part: int, jobs: int) -> Path:
@@ -133,7 +134,7 @@ def _batch_done(folder: Path, b: int, fp: str) -> dict | None:
 
 def generate_part(params: dict, method_name: str, teacher: str, model: str, latents: str, out: str,
                   part: int, jobs: int) -> dict:
-    """Job `part` of `jobs`: a contiguous range of batches, each written to samples/.parts/M
+    """Job `part` of `jobs`: a contiguous range of batches, each written to samples.parts/M
     (clips, then batch-B.json last) and skipped on a rerun when already there with the same
     fingerprint; then the part's receipt. Module level, so submitit can pickle it."""
     from osv import timing
@@ -307,7 +308,7 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="samples folder (default: samples/METHOD)")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--part", type=int, default=None,
-                     help="sample only job PART (0-based) of resources.generate.jobs into samples/.parts/METHOD "
+                     help="sample only job PART (0-based) of resources.generate.jobs into samples.parts/METHOD "
                           "(default: every part, then the samples folder)")
     how.add_argument("--gather", action="store_true", help="only assemble the samples folder from the parts")
     p.set_defaults(func=command)

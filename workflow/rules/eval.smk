@@ -3,14 +3,14 @@
 
 rule generate_part:
     # Job {part} of resources.generate.jobs for one method: a range of test clips, written batch by
-    # batch to samples/.parts/{method} (resumable work, not declared: a failed job keeps its batches).
+    # batch to samples.parts/{method} (resumable work, not declared: a failed job keeps its batches).
     input:
         "models/teacher",
         "data/latents/index.json",
         model=method_model,
         code=code_files("generate"),
     output:
-        "samples/.parts/{method}/part-{part}-of-%03d.json" % GENERATE_JOBS,
+        "samples.parts/{method}/part-{part}-of-%03d.json" % GENERATE_JOBS,
     params:
         deps=stage_params("generate"),
         model=method_model,
@@ -32,7 +32,7 @@ rule generate_part:
 rule generate:
     # samples/{method} from its parts: clips (hard links), meta.json, previews.
     input:
-        expand("samples/.parts/{{method}}/part-{part:03d}-of-{jobs:03d}.json", part=range(GENERATE_JOBS),
+        expand("samples.parts/{{method}}/part-{part:03d}-of-{jobs:03d}.json", part=range(GENERATE_JOBS),
                jobs=GENERATE_JOBS),
         model=method_model,
         code=code_files("generate"),
