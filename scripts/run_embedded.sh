@@ -7,4 +7,4 @@ bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH" HF_HUB_OFFLINE=1
 if [ "$#" -eq 0 ]; then set -- --profile local; fi
 snakemake "$@"
-echo "Done: reports/results.md, samples/*/preview.gif, metrics/ (dvc metrics show)."
+echo "Done: reports/results.md, reports/previews/ (samples beside the real clips), metrics/ (dvc metrics show)."
