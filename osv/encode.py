@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from osv.atomic import atomic_path, write_json
+from osv.fanout import part_range, read_receipts
 from osv.hub import sha256_file
 from osv.numerics import injected, require_finite
 
@@ -194,11 +195,6 @@ def units(params: dict, clips: Path) -> list[tuple[str, int, list[dict]]]:
     return out
 
 
-def part_range(count: int, part: int, jobs: int) -> range:
-    """Job `part` of `jobs` takes a contiguous range of the `count` units (sizes differ by <= 1)."""
-    return range(part * count // jobs, (part + 1) * count // jobs)
-
-
 def receipt_path(out: Path, part: int, jobs: int) -> Path:
     """data/latents.parts/part-K-of-N.json: beside the folder, not in it (a receipt holds the job's
     timing, and DVC hashes data/latents as the input of every later stage)."""
@@ -302,13 +298,7 @@ def gather(params: dict, clips: str, out: str, jobs: int) -> dict:
     from osv import timing
 
     clips, out = Path(clips), Path(out)
-    receipts = []
-    for part in range(jobs):
-        path = receipt_path(out, part, jobs)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: encode part {part} of {jobs} has not finished "
-                                    f"(run `osv encode --part {part}`, or `osv encode` for all parts)")
-        receipts.append(json.loads(path.read_text()))
+    receipts = read_receipts([receipt_path(out, k, jobs) for k in range(jobs)], "encode", "osv encode")
     done = {(s["split"], s["shard"]): s["entries"] for r in receipts for s in r["shards"]}
     plan = units(params, clips)
     missing = [f"{split} shard {k}" for split, k, _ in plan if (split, k) not in done]

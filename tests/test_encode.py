@@ -9,6 +9,7 @@ import torch
 
 from osv import encode as enc
 from osv.data import prepare as prepare_mod
+from osv.fanout import part_range
 from osv.latents import LatentDataset, read_index
 from osv.models import build_small_pipeline
 from osv.params import deep_merge, load_params, validate
@@ -114,8 +115,8 @@ def test_parts_write_the_same_shards_and_index(setup, tmp_path):
     assert read_index(out) == read_index(tmp / "a")
     for shard in (tmp / "a").rglob("shard-*.safetensors"):
         assert (out / shard.relative_to(tmp / "a")).read_bytes() == shard.read_bytes(), shard
-    assert sorted(len(enc.part_range(7, k, 3)) for k in range(3)) == [2, 2, 3]
-    assert [i for k in range(3) for i in enc.part_range(7, k, 3)] == list(range(7))
+    assert sorted(len(part_range(7, k, 3)) for k in range(3)) == [2, 2, 3]
+    assert [i for k in range(3) for i in part_range(7, k, 3)] == list(range(7))
 
 
 def test_one_decode_serves_every_size(setup):

@@ -164,7 +164,8 @@ def test_parts_give_the_same_samples_and_a_failed_batch_is_all_that_reruns(works
     whole = generate(*args, str(root / "fan" / "whole"))
     out = root / "fan" / "split"
     gen.generate_part(*args, str(out), 1, 2)
-    with pytest.raises(FileNotFoundError, match=r"part-000-of-002.json: generate part 0 of 2 for osv_tts"):
+    with pytest.raises(FileNotFoundError, match=r"part-000-of-002.json: generate part 0 of 2 has not finished "
+                                                r"\(run `osv generate --method osv_tts --part 0`\)"):
         gen.gather(params, "osv_tts", str(student), str(out), 2)
     gen.generate_part(*args, str(out), 0, 2)
     split = gen.gather(params, "osv_tts", str(student), str(out), 2)

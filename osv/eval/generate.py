@@ -24,6 +24,7 @@ from tqdm import tqdm
 from osv import models
 from osv.atomic import atomic_path, write_json
 from osv.conditioning import from_batch
+from osv.fanout import part_range, read_receipts
 from osv.hub import link_or_copy, sha256_file
 from osv.launch import run_stage, run_stages
 from osv.numerics import injected, require_finite
@@ -148,7 +149,7 @@ def generate_part(params: dict, method_name: str, teacher: str, model: str, late
     dataset = LatentDataset(latents, "test", res["width"], res["height"])
     count = min(ev["num_clips"], len(dataset))
     plan = batches(params, count)
-    mine = range(part * len(plan) // jobs, (part + 1) * len(plan) // jobs)
+    mine = part_range(len(plan), part, jobs)
     folder = work_folder(out)
     folder.mkdir(parents=True, exist_ok=True)
     receipt_path(out, part, jobs).unlink(missing_ok=True)
@@ -224,13 +225,8 @@ def gather(params: dict, method_name: str, model: str, out: str, jobs: int) -> d
 
     method = params["eval"]["methods"][method_name]
     ev, data, res = params["eval"], params["data"], params["data"]["resolution"]
-    receipts = []
-    for part in range(jobs):
-        path = receipt_path(out, part, jobs)
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: generate part {part} of {jobs} for {method_name} has not finished "
-                                    f"(run `osv generate --method {method_name} --part {part}`)")
-        receipts.append(json.loads(path.read_text()))
+    receipts = read_receipts([receipt_path(out, k, jobs) for k in range(jobs)], "generate",
+                             f"osv generate --method {method_name}")
     records = sorted((r for rec in receipts for r in rec["records"]), key=lambda r: r["batch"])
     count = receipts[0]["count"]
     if [r["batch"] for r in records] != list(range(len(batches(params, count)))):
